@@ -1,0 +1,1 @@
+//! Backend selection; filled in by the balancing work.
