@@ -24,3 +24,368 @@ pub fn is_reserved_upstream_header(name: &str) -> bool {
     ];
     RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))
 }
+
+use crate::config::HeadersConfig;
+use async_tungstenite::tungstenite::handshake::client::generate_key;
+use async_tungstenite::tungstenite::handshake::derive_accept_key;
+use async_tungstenite::tungstenite::http::{self, HeaderValue};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::io;
+use std::net::IpAddr;
+
+/// The largest request head a client may send (nginx's large_client_header_buffers order).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+
+/// A parsed HTTP/1.1 request head.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    pub method: String,
+    /// Path and query, exactly as sent.
+    pub target: String,
+    /// HTTP minor version (1 for HTTP/1.1).
+    pub minor_version: u8,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl RequestHead {
+    /// The first value of a header, if it is valid UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .map(str::trim)
+    }
+
+    /// Whether a comma-separated header (any of its occurrences) lists `token`.
+    pub fn header_has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    pub fn is_upgrade(&self) -> bool {
+        self.header_has_token("upgrade", "websocket") && self.header_has_token("connection", "upgrade")
+    }
+}
+
+#[derive(Debug)]
+pub enum HeadError {
+    /// Not HTTP/1.x or malformed.
+    Malformed,
+    TooLarge,
+    /// The peer closed before the head was complete.
+    Eof,
+    Io(io::Error),
+}
+
+/// Reads a request head into `buf`; returns the head and how many bytes of `buf` it used
+/// (the rest is what the client sent after it: frames or a body).
+pub async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<(RequestHead, usize), HeadError> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if !buf.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let head = RequestHead {
+                        method: req.method.unwrap_or_default().to_string(),
+                        target: req.path.unwrap_or_default().to_string(),
+                        minor_version: req.version.unwrap_or(0),
+                        headers: req.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect(),
+                    };
+                    return Ok((head, len));
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+                Err(_) => return Err(HeadError::Malformed),
+            }
+        }
+        if buf.len() >= MAX_HEAD_BYTES {
+            return Err(HeadError::TooLarge);
+        }
+        let n = stream.read(&mut chunk).await.map_err(HeadError::Io)?;
+        if n == 0 {
+            return Err(HeadError::Eof);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// What is wrong with an upgrade request that routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeProblem {
+    /// No `Upgrade: websocket` + `Connection: upgrade` (→ 426, or plain HTTP pass-through).
+    NotUpgrade,
+    /// Wrong method, missing key, or version ≠ 13 (→ 400).
+    Malformed,
+}
+
+/// Checks the WebSocket parts of a request head (RFC 6455 §4.2.1).
+pub fn check_upgrade(head: &RequestHead) -> Result<(), UpgradeProblem> {
+    if !head.is_upgrade() {
+        return Err(UpgradeProblem::NotUpgrade);
+    }
+    let key_ok = head.header("sec-websocket-key").is_some_and(|k| k.len() == 24);
+    if head.method != "GET" || head.minor_version != 1 || !key_ok || head.header("sec-websocket-version") != Some("13") {
+        return Err(UpgradeProblem::Malformed);
+    }
+    Ok(())
+}
+
+/// Origin check (SPEC §2 `allowed_origins`): an empty list or an absent `Origin` passes.
+pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+    match origin {
+        _ if allowed.is_empty() => true,
+        None => true,
+        Some(o) => allowed.iter().any(|a| a.eq_ignore_ascii_case(o)),
+    }
+}
+
+/// Context the upstream request needs about the client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    pub ip: IpAddr,
+    /// Whether the client reached us over TLS (`X-Forwarded-Proto: https`).
+    pub tls: bool,
+}
+
+/// Builds the gateway's own upgrade request toward a backend: the client's path and query
+/// unchanged, its end-to-end headers (never hop-by-hop ones), the subprotocol offer,
+/// `X-Forwarded-*` / `X-Real-IP` when `headers.forwarded`, then `headers.set`.
+/// `pass_extensions` forwards `Sec-WebSocket-Extensions` (tunnel relay only).
+pub fn upstream_request(
+    head: &RequestHead,
+    authority: &str,
+    client: ClientInfo,
+    cfg: &HeadersConfig,
+    pass_extensions: bool,
+    upstream_tls: bool,
+) -> Result<http::Request<()>, http::Error> {
+    let host = head.header("host").unwrap_or(authority).to_string();
+    let scheme = if client.tls { "https" } else { "http" };
+    let mut b = http::Request::builder()
+        .method("GET")
+        // tungstenite wants an absolute ws:// URI; only its path and query go on the wire.
+        .uri(format!("{}://{authority}{}", if upstream_tls { "wss" } else { "ws" }, head.target))
+        .header("Host", host.as_str())
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", generate_key());
+    // Headers the client's Connection header names are hop-by-hop too.
+    let connection_named = |name: &str| head.header_has_token("connection", name);
+    let forwarded_names = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"];
+    let mut xff: Option<String> = None;
+    for (name, value) in &head.headers {
+        let lname = name.to_ascii_lowercase();
+        let pass_ext = pass_extensions && lname == "sec-websocket-extensions";
+        let protocol = lname == "sec-websocket-protocol";
+        if (is_reserved_upstream_header(&lname) && !pass_ext && !protocol) || connection_named(&lname) {
+            continue;
+        }
+        if cfg.forwarded && forwarded_names.contains(&lname.as_str()) {
+            if lname == "x-forwarded-for" {
+                let v = String::from_utf8_lossy(value);
+                xff = Some(match xff {
+                    Some(prev) => format!("{prev}, {}", v.trim()),
+                    None => v.trim().to_string(),
+                });
+            }
+            continue;
+        }
+        if cfg.set.keys().any(|k| k.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        b = b.header(name.as_str(), HeaderValue::from_bytes(value)?);
+    }
+    if cfg.forwarded {
+        let ip = client.ip.to_string();
+        let xff = match xff {
+            Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+            _ => ip.clone(),
+        };
+        b = b
+            .header("X-Forwarded-For", xff)
+            .header("X-Forwarded-Proto", scheme)
+            .header("X-Forwarded-Host", host.as_str())
+            .header("X-Real-IP", ip);
+    }
+    for (k, v) in &cfg.set {
+        b = b.header(k.as_str(), v.as_str());
+    }
+    b.body(())
+}
+
+/// The 101 answer to the client: our own accept key, and the backend's chosen subprotocol and
+/// end-to-end headers (e.g. `Set-Cookie`).
+pub fn switching_protocols(client_key: &str, backend: &http::Response<Option<Vec<u8>>>, pass_extensions: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
+        derive_accept_key(client_key.as_bytes())
+    )
+    .into_bytes();
+    for (name, value) in backend.headers() {
+        let n = name.as_str();
+        let pass_ext = pass_extensions && n == "sec-websocket-extensions";
+        if (is_reserved_upstream_header(n) && n != "sec-websocket-protocol" && !pass_ext) || n == "date" || n == "server" {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A complete short HTTP/1.1 response that closes the connection.
+pub fn simple_response(status: u16, extra_headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Unknown");
+    let mut out = format!("HTTP/1.1 {status} {reason}\r\n").into_bytes();
+    for (k, v) in extra_headers {
+        out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
+    out.extend_from_slice(format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// The response for a gateway-made refusal (SPEC §3).
+pub fn refusal(status: u16) -> Vec<u8> {
+    let (extra, body): (&[(&str, &str)], &str) = match status {
+        400 => (&[("Sec-WebSocket-Version", "13"), ("Content-Type", "text/plain")], "bad websocket upgrade request\n"),
+        403 => (&[("Content-Type", "text/plain")], "origin not allowed\n"),
+        404 => (&[("Content-Type", "text/plain")], "no route\n"),
+        426 => (&[("Upgrade", "websocket"), ("Content-Type", "text/plain")], "websocket upgrade required\n"),
+        431 => (&[("Content-Type", "text/plain")], "request head too large\n"),
+        502 => (&[("Content-Type", "text/plain")], "no backend available\n"),
+        503 => (&[("Content-Type", "text/plain"), ("Retry-After", "1")], "over session limit\n"),
+        _ => (&[("Content-Type", "text/plain")], "internal error\n"),
+    };
+    simple_response(status, extra, body.as_bytes())
+}
+
+/// A backend's refusal of the upgrade (e.g. 401), passed to the client with its end-to-end
+/// headers and body.
+pub fn passthrough_response(resp: &http::Response<Option<Vec<u8>>>) -> Vec<u8> {
+    let body: &[u8] = resp.body().as_deref().unwrap_or(&[]);
+    let mut headers: Vec<(&str, &str)> = Vec::new();
+    for (name, value) in resp.headers() {
+        let n = name.as_str();
+        if is_reserved_upstream_header(n) || n == "date" {
+            continue;
+        }
+        if let Ok(v) = value.to_str() {
+            headers.push((n, v));
+        }
+    }
+    simple_response(resp.status().as_u16(), &headers, body)
+}
+
+/// Writes a response and flushes; errors are the client's loss only.
+pub async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn head(headers: &[(&str, &str)]) -> RequestHead {
+        RequestHead {
+            method: "GET".into(),
+            target: "/chat?room=1".into(),
+            minor_version: 1,
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
+        }
+    }
+
+    const UPGRADE: [(&str, &str); 4] = [
+        ("Host", "gw.example:8020"),
+        ("Upgrade", "websocket"),
+        ("Connection", "keep-alive, Upgrade"),
+        ("Sec-WebSocket-Version", "13"),
+    ];
+
+    #[test]
+    fn upgrade_checks() {
+        let mut h = UPGRADE.to_vec();
+        assert_eq!(check_upgrade(&head(&h)), Err(UpgradeProblem::Malformed));
+        h.push(("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="));
+        assert_eq!(check_upgrade(&head(&h)), Ok(()));
+        h[3] = ("Sec-WebSocket-Version", "8");
+        assert_eq!(check_upgrade(&head(&h)), Err(UpgradeProblem::Malformed));
+        assert_eq!(check_upgrade(&head(&[("Host", "x")])), Err(UpgradeProblem::NotUpgrade));
+    }
+
+    #[test]
+    fn origins() {
+        let allowed = vec!["http://localhost:8020".to_string()];
+        assert!(origin_allowed(&allowed, Some("HTTP://LOCALHOST:8020")));
+        assert!(!origin_allowed(&allowed, Some("http://evil.example")));
+        assert!(origin_allowed(&allowed, None));
+        assert!(origin_allowed(&[], Some("http://evil.example")));
+    }
+
+    #[test]
+    fn upstream_headers() {
+        let mut h = UPGRADE.to_vec();
+        h.extend([
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Protocol", "chat, superchat"),
+            ("Sec-WebSocket-Extensions", "permessage-deflate"),
+            ("Cookie", "a=b"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("Keep-Alive", "timeout=5"),
+            ("X-Drop", "1"),
+            ("Connection", "X-Drop"),
+            ("X-Gateway", "client-value"),
+        ]);
+        let cfg = HeadersConfig { forwarded: true, set: BTreeMap::from([("X-Gateway".to_string(), "wsgate".to_string())]) };
+        let client = ClientInfo { ip: "127.0.0.9".parse().unwrap(), tls: false };
+        let req = upstream_request(&head(&h), "127.0.0.1:8010", client, &cfg, false, false).unwrap();
+        let hv = |n: &str| req.headers().get_all(n).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>();
+        assert_eq!(req.uri().path_and_query().unwrap(), "/chat?room=1");
+        assert_eq!(hv("host"), ["gw.example:8020"]);
+        assert_eq!(hv("x-forwarded-for"), ["10.0.0.1, 127.0.0.9"]);
+        assert_eq!(hv("x-forwarded-proto"), ["http"]);
+        assert_eq!(hv("x-forwarded-host"), ["gw.example:8020"]);
+        assert_eq!(hv("x-real-ip"), ["127.0.0.9"]);
+        assert_eq!(hv("sec-websocket-protocol"), ["chat, superchat"]);
+        assert_eq!(hv("cookie"), ["a=b"]);
+        assert_eq!(hv("x-gateway"), ["wsgate"]);
+        assert!(hv("sec-websocket-extensions").is_empty());
+        assert!(hv("keep-alive").is_empty());
+        assert!(hv("x-drop").is_empty());
+        assert_eq!(hv("connection"), ["Upgrade"]);
+        assert_ne!(hv("sec-websocket-key"), ["dGhlIHNhbXBsZSBub25jZQ=="]);
+        let tunnel = upstream_request(&head(&h), "b", client, &cfg, true, false).unwrap();
+        assert_eq!(tunnel.headers().get("sec-websocket-extensions").unwrap(), "permessage-deflate");
+    }
+
+    #[test]
+    fn parses_head_and_leftover() {
+        let raw = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n\x81\x00";
+        let mut buf = Vec::new();
+        let (h, len) = async_std::task::block_on(read_head(&mut &raw[..], &mut buf)).unwrap();
+        assert_eq!(h.target, "/x");
+        assert_eq!(&buf[len..], b"\x81\x00");
+        let mut buf = Vec::new();
+        assert!(matches!(async_std::task::block_on(read_head(&mut &b"GET /x HT"[..], &mut buf)), Err(HeadError::Eof)));
+    }
+}

@@ -1,0 +1,375 @@
+//! The data plane of a `relay: "message"` session: one task polls both sockets in a tight
+//! loop. Per message: a read, a frame decode, a write. No actor mailbox, no lock, no timer
+//! reset and no allocation beyond the message tungstenite decodes; writes are coalesced (one
+//! flush per batch of ready frames). Keepalive and idle checks run on a coarse tick.
+//!
+//! The loop ends with an [`Outcome`]; [`finish`] then runs the closing handshake that outcome
+//! calls for. The session actor decides what an outcome means (e.g. failover on backend loss).
+
+use crate::rt::Timer;
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use async_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use async_tungstenite::tungstenite::{Error as WsError, Message};
+use async_tungstenite::WebSocketStream;
+use futures::channel::mpsc;
+use futures::{AsyncRead, AsyncWrite, Sink, SinkExt, Stream, StreamExt};
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// Payload of the gateway's own keepalive pings; pongs carrying it are not forwarded.
+const KEEPALIVE: &[u8] = b"wsgate-keepalive";
+/// Messages relayed per direction before the loop yields to the executor.
+const BUDGET: usize = 64;
+/// How long a closing handshake may take before the sockets are dropped.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// tungstenite settings for a relayed socket: limits from the config, buffers sized for many
+/// mostly-idle sessions (tungstenite's 128 KiB defaults would cost 256 KiB per session side).
+pub fn ws_config(max_message: usize, max_frame: usize) -> WebSocketConfig {
+    let mut c = WebSocketConfig::default();
+    c.read_buffer_size = 4096;
+    c.write_buffer_size = 16 * 1024;
+    c.max_write_buffer_size = max_message.saturating_add(1 << 20);
+    c.max_message_size = Some(max_message);
+    c.max_frame_size = Some(max_frame);
+    c
+}
+
+/// Which socket of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+/// Control events the session actor sends into a running relay.
+#[derive(Debug)]
+pub enum Control {
+    /// End the session: the client gets `code`, the backend 1001 (drain, shutdown, backend down).
+    Close { code: u16, reason: &'static str },
+    /// The backend was declared down by the pool (health check): treat as loss.
+    BackendDown,
+}
+
+/// Why the relay loop stopped.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A side sent a close frame; it is to be passed to the other side unchanged.
+    Closed(Side, Option<CloseFrame>),
+    /// A side's socket ended or failed without a close frame.
+    Gone(Side, String),
+    /// A side broke a protocol rule (its close code: 1009 too big, 1007 bad UTF-8, 1002).
+    Violation(Side, u16, String),
+    /// No data message either way for `idle`.
+    Idle,
+    /// A side did not answer keepalive pings for two intervals.
+    Unresponsive(Side),
+    /// A control event from the session actor.
+    Control(Control),
+    /// The session actor is gone (it failed): end with 1011.
+    ControlLost,
+}
+
+/// Per-session traffic counts; added to the process metrics in batches.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    pub c2b_msgs: u64,
+    pub b2c_msgs: u64,
+    pub c2b_bytes: u64,
+    pub b2c_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub idle: Duration,
+    pub ping_interval: Duration,
+}
+
+/// One direction of the relay: a message waiting for the destination to accept it, and
+/// whether the destination has unflushed writes.
+#[derive(Default)]
+struct Dir {
+    urgent: Option<Message>,
+    pending: Option<Message>,
+    unflushed: bool,
+    /// Any frame arrived from this direction's source since the last keepalive ping.
+    heard: bool,
+    closed: bool,
+}
+
+enum DirEvent {
+    Closed(Option<CloseFrame>),
+    ReadFailed(WsError),
+    Eof,
+    WriteFailed(WsError),
+}
+
+/// Polls one direction: forwards ready messages from `src` to `dst` until `src` has nothing
+/// more, `dst` pushes back, or the budget is spent; flushes `dst` once per batch.
+fn poll_dir<S, D>(
+    cx: &mut Context<'_>,
+    src: &mut WebSocketStream<S>,
+    dst: &mut WebSocketStream<D>,
+    dir: &mut Dir,
+    msgs: &mut u64,
+    bytes: &mut u64,
+    #[allow(unused_variables)] fault: &mut Fault,
+) -> Poll<DirEvent>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut budget = BUDGET;
+    loop {
+        let next = dir.urgent.take().or_else(|| dir.pending.take());
+        if let Some(msg) = next {
+            match Pin::new(&mut *dst).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    if let Err(e) = Pin::new(&mut *dst).start_send(msg) {
+                        return Poll::Ready(DirEvent::WriteFailed(e));
+                    }
+                    dir.unflushed = true;
+                    #[cfg(feature = "fault-injection")]
+                    fault.after_forward();
+                    continue;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(DirEvent::WriteFailed(e)),
+                Poll::Pending => {
+                    dir.pending = Some(msg);
+                    return Poll::Pending;
+                }
+            }
+        }
+        if dir.closed {
+            return Poll::Pending;
+        }
+        if budget == 0 {
+            // Let the other direction and other sessions run; come back at once.
+            if dir.unflushed {
+                if let Poll::Ready(Err(e)) = Pin::new(&mut *dst).poll_flush(cx) {
+                    return Poll::Ready(DirEvent::WriteFailed(e));
+                }
+            }
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        budget -= 1;
+        match Pin::new(&mut *src).poll_next(cx) {
+            Poll::Ready(Some(Ok(msg))) => {
+                dir.heard = true;
+                match msg {
+                    Message::Text(ref t) => {
+                        *msgs += 1;
+                        *bytes += t.len() as u64;
+                        dir.pending = Some(msg);
+                    }
+                    Message::Binary(ref b) => {
+                        *msgs += 1;
+                        *bytes += b.len() as u64;
+                        dir.pending = Some(msg);
+                    }
+                    Message::Ping(_) => dir.pending = Some(msg),
+                    Message::Pong(ref p) if p.as_ref() == KEEPALIVE => {}
+                    Message::Pong(_) => dir.pending = Some(msg),
+                    Message::Close(frame) => {
+                        dir.closed = true;
+                        return Poll::Ready(DirEvent::Closed(frame));
+                    }
+                    Message::Frame(_) => {}
+                }
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(DirEvent::ReadFailed(e)),
+            Poll::Ready(None) => return Poll::Ready(DirEvent::Eof),
+            Poll::Pending => {
+                if dir.unflushed {
+                    match Pin::new(&mut *dst).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => dir.unflushed = false,
+                        Poll::Ready(Err(e)) => return Poll::Ready(DirEvent::WriteFailed(e)),
+                        Poll::Pending => {}
+                    }
+                }
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// Maps a read error to the outcome it means for the side that sent it.
+fn read_failure(side: Side, e: WsError) -> Outcome {
+    use async_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Outcome::Violation(side, 1009, e.to_string()),
+        WsError::Capacity(_) => Outcome::Violation(side, 1009, e.to_string()),
+        WsError::Utf8(_) => Outcome::Violation(side, 1007, e.to_string()),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Outcome::Gone(side, e.to_string()),
+        WsError::Protocol(_) => Outcome::Violation(side, 1002, e.to_string()),
+        _ => Outcome::Gone(side, e.to_string()),
+    }
+}
+
+fn dir_outcome(src: Side, ev: DirEvent) -> Outcome {
+    let dst = match src {
+        Side::Client => Side::Backend,
+        Side::Backend => Side::Client,
+    };
+    match ev {
+        DirEvent::Closed(f) => Outcome::Closed(src, f),
+        DirEvent::ReadFailed(e) => read_failure(src, e),
+        DirEvent::Eof => Outcome::Gone(src, "connection closed without a close frame".into()),
+        DirEvent::WriteFailed(e) => Outcome::Gone(dst, e.to_string()),
+    }
+}
+
+/// Test-only fault injection: panic after relaying the first client message.
+#[derive(Default)]
+pub struct Fault {
+    #[cfg(feature = "fault-injection")]
+    pub panic_after_first: bool,
+}
+
+impl Fault {
+    #[cfg(feature = "fault-injection")]
+    fn after_forward(&mut self) {
+        if self.panic_after_first {
+            panic!("fault injection: session panic after relaying the first client message");
+        }
+    }
+}
+
+/// Relays until something ends the session. Counters are updated in place (so a caller can
+/// flush them even after a panic) and added to the shared metrics by `on_tick` each tick.
+#[allow(clippy::too_many_arguments)]
+pub async fn relay<C, B>(
+    client: &mut WebSocketStream<C>,
+    backend: &mut WebSocketStream<B>,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+    timing: Timing,
+    counters: &mut Counters,
+    fault: &mut Fault,
+    mut on_tick: impl FnMut(&Counters),
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let tick = timing.ping_interval.min(timing.idle / 8).max(Duration::from_millis(5));
+    let mut timer = Timer::after(tick);
+    let mut c2b = Dir::default();
+    let mut b2c = Dir::default();
+    let start = Instant::now();
+    let mut last_data = start;
+    let mut data_seen = 0u64;
+    let mut next_ping = start + timing.ping_interval;
+    let mut pinged = false;
+
+    poll_fn(|cx| loop {
+        match control.poll_next_unpin(cx) {
+            Poll::Ready(Some(c)) => return Poll::Ready(Outcome::Control(c)),
+            Poll::Ready(None) => return Poll::Ready(Outcome::ControlLost),
+            Poll::Pending => {}
+        }
+        if let Poll::Ready(ev) =
+            poll_dir(cx, client, backend, &mut c2b, &mut counters.c2b_msgs, &mut counters.c2b_bytes, fault)
+        {
+            return Poll::Ready(dir_outcome(Side::Client, ev));
+        }
+        if let Poll::Ready(ev) =
+            poll_dir(cx, backend, client, &mut b2c, &mut counters.b2c_msgs, &mut counters.b2c_bytes, &mut Fault::default())
+        {
+            return Poll::Ready(dir_outcome(Side::Backend, ev));
+        }
+        if Pin::new(&mut timer).poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // Tick: idle and keepalive bookkeeping, then re-arm and poll again to register.
+        let now = Instant::now();
+        on_tick(counters);
+        let seen = counters.c2b_msgs + counters.b2c_msgs;
+        if seen != data_seen {
+            data_seen = seen;
+            last_data = now;
+        } else if now.duration_since(last_data) >= timing.idle {
+            return Poll::Ready(Outcome::Idle);
+        }
+        if now >= next_ping {
+            if pinged {
+                if !c2b.heard {
+                    return Poll::Ready(Outcome::Unresponsive(Side::Client));
+                }
+                if !b2c.heard {
+                    return Poll::Ready(Outcome::Unresponsive(Side::Backend));
+                }
+            }
+            c2b.heard = false;
+            b2c.heard = false;
+            pinged = true;
+            // To the backend: queued on the client→backend direction, and vice versa.
+            c2b.urgent = Some(Message::Ping(KEEPALIVE.into()));
+            b2c.urgent = Some(Message::Ping(KEEPALIVE.into()));
+            next_ping = now + timing.ping_interval;
+        }
+        timer.set_after(tick);
+    })
+    .await
+}
+
+/// A close frame with a code and reason.
+pub fn close_frame(code: u16, reason: &str) -> CloseFrame {
+    CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() }
+}
+
+/// Sends a close frame (if the socket can still take one) and waits, bounded, for the peer's
+/// answer; data arriving meanwhile is dropped (the other side is gone).
+pub async fn close_side<S>(ws: &mut WebSocketStream<S>, frame: Option<CloseFrame>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = crate::rt::timeout(CLOSE_TIMEOUT, async {
+        if ws.close(frame).await.is_err() {
+            return;
+        }
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// Completes a side that already sent its close frame: flushes tungstenite's queued reply and
+/// reads until the socket ends, bounded.
+pub async fn finish_closed_side<S>(ws: &mut WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = crate::rt::timeout(CLOSE_TIMEOUT, async {
+        let _ = ws.flush().await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// Runs both closing handshakes concurrently.
+pub async fn close_both<C, B>(
+    client: &mut WebSocketStream<C>,
+    client_frame: Option<Option<CloseFrame>>,
+    backend: &mut WebSocketStream<B>,
+    backend_frame: Option<Option<CloseFrame>>,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let c = async {
+        match client_frame {
+            Some(f) => close_side(client, f).await,
+            None => finish_closed_side(client).await,
+        }
+    };
+    let b = async {
+        match backend_frame {
+            Some(f) => close_side(backend, f).await,
+            None => finish_closed_side(backend).await,
+        }
+    };
+    futures::join!(c, b);
+}

@@ -1,0 +1,520 @@
+//! The Session actor: one per client connection. The actor is the session's control plane
+//! (it hears `BackendLost` from its pool and `SessionControl` from the supervisor); the
+//! session's task is its data plane: handshake, backend dial walk, then the relay loop.
+//!
+//! The task runs under `catch_unwind`: a panic anywhere in it ends this session alone with
+//! close 1011 (or HTTP 500 before the upgrade), is logged and counted, and leaks nothing:
+//! the session slot and backend lease are released by their drops.
+
+use crate::config::{Config, OnBackendLoss};
+use crate::handshake::{self, ClientInfo, HeadError, RequestHead, UpgradeProblem};
+use crate::messages::{
+    trace, BackendFailed, BackendLost, PickBackends, PoolName, SessionControl, SessionFinished, SessionId,
+    SessionName,
+};
+use crate::metrics::HandshakeFailure;
+use crate::pool::{BackendState, Lease};
+use crate::relay::{self, close_frame, Control, Counters, Fault, Outcome, Side, Timing};
+use crate::rt;
+use crate::shared::{SessionSlot, Shared};
+use crate::transport::{self, BackendStream, ClientStream};
+use async_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use async_tungstenite::tungstenite::Error as WsError;
+use async_tungstenite::WebSocketStream;
+use futures::channel::mpsc;
+use futures::FutureExt;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+use xactor::{Actor, Addr, Context, Handler};
+
+/// What a new session starts from: the accepted connection and where it came in.
+pub struct SessionStart {
+    pub stream: ClientStream,
+    pub peer: SocketAddr,
+    pub listener: usize,
+    pub shared: Arc<Shared>,
+}
+
+pub struct Session {
+    id: SessionId,
+    start: Option<SessionStart>,
+    control: Option<mpsc::UnboundedSender<Control>>,
+}
+
+impl Session {
+    pub fn new(id: SessionId, start: SessionStart) -> Session {
+        Session { id, start: Some(start), control: None }
+    }
+
+    fn forward(&self, c: Control) {
+        if let Some(tx) = &self.control {
+            let _ = tx.unbounded_send(c);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Actor for Session {
+    async fn started(&mut self, ctx: &mut Context<Self>) -> xactor::Result<()> {
+        let (tx, rx) = mpsc::unbounded();
+        self.control = Some(tx);
+        if let Some(start) = self.start.take() {
+            rt::spawn(run(self.id, ctx.address(), start, rx));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler<BackendLost> for Session {
+    async fn handle(&mut self, _ctx: &mut Context<Self>, _msg: BackendLost) {
+        self.forward(Control::BackendDown);
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler<SessionControl> for Session {
+    async fn handle(&mut self, _ctx: &mut Context<Self>, msg: SessionControl) {
+        self.forward(msg.0);
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler<SessionFinished> for Session {
+    async fn handle(&mut self, ctx: &mut Context<Self>, _msg: SessionFinished) {
+        ctx.stop(None);
+    }
+}
+
+type ClientWs = WebSocketStream<ClientStream>;
+type BackendWs = WebSocketStream<BackendStream>;
+
+/// Who ended a session, for the access line.
+#[derive(Debug, Clone, Copy)]
+enum ClosedBy {
+    Client,
+    Backend,
+    Gateway,
+}
+
+/// The session task's state, owned outside the `catch_unwind` so a panic can still be answered.
+struct Run {
+    id: SessionId,
+    shared: Arc<Shared>,
+    config: Arc<Config>,
+    listener: usize,
+    peer: SocketAddr,
+    started: Instant,
+    raw: Option<ClientStream>,
+    client: Option<ClientWs>,
+    backend: Option<BackendWs>,
+    lease: Option<Lease>,
+    slot: Option<SessionSlot>,
+    route: Option<String>,
+    pool: Option<String>,
+    backends_used: Vec<SocketAddr>,
+    counters: Counters,
+    flushed: Counters,
+    close: Option<(u16, ClosedBy)>,
+    failovers: u32,
+    fault: Fault,
+}
+
+async fn run(id: SessionId, me: Addr<Session>, start: SessionStart, mut control: mpsc::UnboundedReceiver<Control>) {
+    let config = Arc::clone(&start.shared.config);
+    let mut s = Run {
+        id,
+        shared: start.shared,
+        config,
+        listener: start.listener,
+        peer: start.peer,
+        started: Instant::now(),
+        raw: Some(start.stream),
+        client: None,
+        backend: None,
+        lease: None,
+        slot: None,
+        route: None,
+        pool: None,
+        backends_used: Vec::new(),
+        counters: Counters::default(),
+        flushed: Counters::default(),
+        close: None,
+        failovers: 0,
+        fault: Fault::default(),
+    };
+    let outcome = AssertUnwindSafe(s.session(&me, &mut control)).catch_unwind().await;
+    if let Err(panic) = outcome {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        log::warn!("session#{id} panicked: {what}; ending it with close 1011");
+        s.shared.metrics.session_panics_total.fetch_add(1, Relaxed);
+        s.after_panic().await;
+    }
+    s.finish_log();
+    let fin = SessionFinished { session: id };
+    trace(&SessionName(id), &SessionName(id), &fin);
+    let _ = me.send(fin);
+}
+
+impl Run {
+    async fn session(&mut self, me: &Addr<Session>, control: &mut mpsc::UnboundedReceiver<Control>) {
+        if self.handshake(me).await {
+            self.relay(control).await;
+        }
+    }
+
+    /// Reads and checks the upgrade, dials a backend, answers 101. `false`: the client was
+    /// answered with a refusal (or is gone) and the session is over.
+    async fn handshake(&mut self, me: &Addr<Session>) -> bool {
+        let Some(raw) = self.raw.as_mut() else { return false };
+        let timeouts = self.config.timeouts;
+        let mut buf = Vec::with_capacity(1024);
+        let (head, head_len) = match rt::timeout(timeouts.handshake(), handshake::read_head(raw, &mut buf)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(HeadError::TooLarge)) => return self.refuse(431, HandshakeFailure::BadRequest).await,
+            Ok(Err(HeadError::Malformed)) => return self.refuse(400, HandshakeFailure::BadRequest).await,
+            Ok(Err(HeadError::Eof | HeadError::Io(_))) => return false,
+            Err(_) => {
+                log::debug!("session#{} {}: no complete request within handshake_ms", self.id, self.peer);
+                self.shared.metrics.handshake_failed(HandshakeFailure::Timeout);
+                return false;
+            }
+        };
+        let listener = &self.config.listeners[self.listener];
+        let Some(ri) = crate::route::match_route(&listener.routes, head.header("host"), &head.target) else {
+            return self.refuse(404, HandshakeFailure::NoRoute).await;
+        };
+        let route = listener.routes[ri].clone();
+        self.route = Some(route.path.clone());
+        self.pool = Some(route.pool.clone());
+        match handshake::check_upgrade(&head) {
+            Ok(()) => {}
+            Err(UpgradeProblem::NotUpgrade) => return self.refuse(426, HandshakeFailure::NotUpgrade).await,
+            Err(UpgradeProblem::Malformed) => return self.refuse(400, HandshakeFailure::BadRequest).await,
+        }
+        if !handshake::origin_allowed(&self.config.allowed_origins, head.header("origin")) {
+            return self.refuse(403, HandshakeFailure::Origin).await;
+        }
+        let Some(slot) = self.shared.acquire_slot(self.peer.ip()) else {
+            return self.refuse(503, HandshakeFailure::Limit).await;
+        };
+        self.slot = Some(slot);
+        #[cfg(feature = "fault-injection")]
+        let fault = head.header("x-wsgate-fault").map(str::to_string);
+        #[cfg(feature = "fault-injection")]
+        {
+            self.fault.panic_after_first = fault.as_deref() == Some("panic");
+        }
+
+        let Some((backend, response)) = self.connect(&route.pool, &head).await else {
+            return false;
+        };
+        let key = head.header("sec-websocket-key").unwrap_or_default();
+        let answer = handshake::switching_protocols(key, &response, false);
+        let Some(mut raw) = self.raw.take() else { return false };
+        if handshake::write_all(&mut raw, &answer).await.is_err() {
+            self.close = Some((1006, ClosedBy::Client));
+            self.backend = Some(backend);
+            return false;
+        }
+        let limits = self.config.limits;
+        let cfg = relay::ws_config(limits.max_message_bytes, limits.max_frame_bytes);
+        let leftover = buf.split_off(head_len);
+        self.client = Some(WebSocketStream::from_partially_read(raw, leftover, Role::Server, Some(cfg)).await);
+        self.backend = Some(backend);
+        if let Some(lease) = self.lease.as_mut() {
+            lease.attach(self.id, me.downgrade());
+        }
+        self.shared.metrics.sessions_total.fetch_add(1, Relaxed);
+        #[cfg(feature = "fault-injection")]
+        self.inject(fault.as_deref(), &route.pool);
+        true
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn inject(&self, fault: Option<&str>, pool: &str) {
+        let me = SessionName(self.id);
+        match fault {
+            Some("crash-pool") => {
+                if let Some(addr) = self.shared.pools.get(pool).and_then(|p| p.addr.get()) {
+                    trace(&me, &PoolName(pool), &crate::messages::Fault);
+                    let _ = addr.send(crate::messages::Fault);
+                }
+            }
+            Some("crash-listener") => {
+                let l = &self.shared.listeners[self.listener];
+                if let Some(addr) = l.addr.get() {
+                    trace(&me, &crate::messages::ListenerName(&l.name), &crate::messages::Fault);
+                    let _ = addr.send(crate::messages::Fault);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Walks the pool's candidates until one accepts the upgrade. Failures are reported to the
+    /// pool (passive health) and cost the client nothing while another backend answers.
+    async fn connect(
+        &mut self,
+        pool_name: &str,
+        head: &RequestHead,
+    ) -> Option<(BackendWs, async_tungstenite::tungstenite::handshake::client::Response)> {
+        let Some(pool) = self.shared.pools.get(pool_name) else {
+            self.refuse(502, HandshakeFailure::NoBackend).await;
+            return None;
+        };
+        let Some(addr) = pool.addr.get() else {
+            self.refuse(502, HandshakeFailure::NoBackend).await;
+            return None;
+        };
+        let pick = PickBackends { session: self.id, client_ip: self.peer.ip(), exclude: Vec::new() };
+        let me = SessionName(self.id);
+        trace(&me, &PoolName(pool_name), &pick);
+        let picked = match addr.call(pick).await {
+            Ok(p) => p,
+            Err(e) => {
+                log::warn!("session#{}: pool {pool_name} did not answer: {e}", self.id);
+                self.refuse(502, HandshakeFailure::NoBackend).await;
+                return None;
+            }
+        };
+        self.lease = picked.lease;
+        let timeouts = self.config.timeouts;
+        let limits = self.config.limits;
+        let cfg = relay::ws_config(limits.max_message_bytes, limits.max_frame_bytes);
+        let client = ClientInfo { ip: self.peer.ip(), tls: false };
+        for (k, b) in picked.candidates.iter().enumerate() {
+            if k > 0 {
+                if let Some(lease) = self.lease.as_mut() {
+                    lease.switch_to(Arc::clone(b));
+                }
+            }
+            self.backends_used.push(b.addr);
+            let req = match handshake::upstream_request(head, &b.addr.to_string(), client, &self.config.headers, false, false) {
+                Ok(r) => r,
+                Err(e) => {
+                    log::debug!("session#{}: unusable request header: {e}", self.id);
+                    self.refuse(400, HandshakeFailure::BadRequest).await;
+                    return None;
+                }
+            };
+            match dial(b, req, cfg, timeouts.connect()).await {
+                Ok(ok) => return Some(ok),
+                Err(DialError::Refused(resp)) => {
+                    // The application's own verdict (401, 403, 404…): pass it on, no retry.
+                    log::info!(
+                        "session#{} backend {} refused the upgrade with {}",
+                        self.id,
+                        b.addr,
+                        resp.status().as_u16()
+                    );
+                    self.shared.metrics.handshake_failed(HandshakeFailure::BackendRefused);
+                    let bytes = handshake::passthrough_response(&resp);
+                    self.answer(&bytes, resp.status().as_u16()).await;
+                    return None;
+                }
+                Err(DialError::Failed(reason)) => {
+                    log::info!("session#{} backend {} in pool {pool_name} failed: {reason}", self.id, b.addr);
+                    let failed = BackendFailed { session: self.id, backend: b.addr, reason };
+                    trace(&me, &PoolName(pool_name), &failed);
+                    let _ = addr.send(failed);
+                }
+            }
+        }
+        self.lease = None;
+        self.refuse(502, HandshakeFailure::NoBackend).await;
+        None
+    }
+
+    /// Relays until the session ends, then runs the closing handshake the outcome calls for.
+    async fn relay(&mut self, control: &mut mpsc::UnboundedReceiver<Control>) {
+        let (Some(client), Some(backend)) = (self.client.as_mut(), self.backend.as_mut()) else { return };
+        let t = self.config.timeouts;
+        let timing = Timing { idle: t.idle(), ping_interval: t.ping_interval() };
+        let metrics = Arc::clone(&self.shared.metrics);
+        let flushed = &mut self.flushed;
+        let outcome = relay::relay(client, backend, control, timing, &mut self.counters, &mut self.fault, |c| {
+            flush_counters(&metrics, flushed, c)
+        })
+        .await;
+        log::debug!("session#{} relay ended: {outcome:?}", self.id);
+        let going_away = || Some(close_frame(1001, "going away"));
+        let (client_frame, backend_frame, close) = match outcome {
+            Outcome::Closed(Side::Client, f) => {
+                let code = f.as_ref().map_or(1005, |f| u16::from(f.code));
+                (None, Some(f), (code, ClosedBy::Client))
+            }
+            Outcome::Closed(Side::Backend, f) => {
+                let code = f.as_ref().map_or(1005, |f| u16::from(f.code));
+                (Some(f), None, (code, ClosedBy::Backend))
+            }
+            Outcome::Gone(Side::Client, _) | Outcome::Unresponsive(Side::Client) => {
+                self.client = None;
+                (None, Some(going_away()), (1006, ClosedBy::Client))
+            }
+            Outcome::Gone(Side::Backend, ref why) => self.backend_lost(why),
+            Outcome::Unresponsive(Side::Backend) => self.backend_lost("backend did not answer pings"),
+            Outcome::Control(Control::BackendDown) => self.backend_lost("marked down by its pool"),
+            Outcome::Violation(side, code, ref why) => {
+                log::info!("session#{}: {side:?} broke a limit or the protocol: {why}", self.id);
+                let mine = Some(close_frame(code, "message too big or invalid"));
+                match side {
+                    Side::Client => (Some(mine), Some(going_away()), (code, ClosedBy::Gateway)),
+                    Side::Backend => (Some(going_away()), Some(mine), (1001, ClosedBy::Gateway)),
+                }
+            }
+            Outcome::Idle => (
+                Some(Some(close_frame(1001, "idle timeout"))),
+                Some(Some(close_frame(1001, "idle timeout"))),
+                (1001, ClosedBy::Gateway),
+            ),
+            Outcome::Control(Control::Close { code, reason }) => {
+                (Some(Some(close_frame(code, reason))), Some(going_away()), (code, ClosedBy::Gateway))
+            }
+            Outcome::ControlLost => {
+                (Some(Some(close_frame(1011, "internal error"))), Some(going_away()), (1011, ClosedBy::Gateway))
+            }
+        };
+        self.close = Some(close);
+        self.close_sockets(client_frame, backend_frame).await;
+    }
+
+    /// `on_backend_loss` for a session whose backend broke without a close frame.
+    fn backend_lost(&mut self, why: &str) -> (Option<Option<CloseFrame>>, Option<Option<CloseFrame>>, (u16, ClosedBy)) {
+        let pool = self.pool.as_deref().and_then(|p| self.config.pools.get(p));
+        let policy = pool.map(|p| p.on_backend_loss).unwrap_or_default();
+        log::info!("session#{}: backend lost ({why}); on_backend_loss {policy:?}", self.id);
+        self.backend = None;
+        match policy {
+            OnBackendLoss::Close | OnBackendLoss::Reconnect => {
+                (Some(Some(close_frame(1014, "bad gateway"))), None, (1014, ClosedBy::Gateway))
+            }
+        }
+    }
+
+    async fn close_sockets(
+        &mut self,
+        client_frame: Option<Option<CloseFrame>>,
+        backend_frame: Option<Option<CloseFrame>>,
+    ) {
+        let c = async {
+            if let Some(ws) = self.client.as_mut() {
+                match client_frame {
+                    Some(f) => relay::close_side(ws, f).await,
+                    None => relay::finish_closed_side(ws).await,
+                }
+            }
+        };
+        let b = async {
+            if let Some(ws) = self.backend.as_mut() {
+                match backend_frame {
+                    Some(f) => relay::close_side(ws, f).await,
+                    None => relay::finish_closed_side(ws).await,
+                }
+            }
+        };
+        futures::join!(c, b);
+    }
+
+    /// Answers a panic: 1011 to the client (500 before the upgrade), 1001 to the backend.
+    async fn after_panic(&mut self) {
+        self.close = Some((1011, ClosedBy::Gateway));
+        if let Some(raw) = self.raw.as_mut() {
+            let _ = rt::timeout(relay::CLOSE_TIMEOUT, handshake::write_all(raw, &handshake::refusal(500))).await;
+            return;
+        }
+        self.close_sockets(Some(Some(close_frame(1011, "internal error"))), Some(Some(close_frame(1001, "going away"))))
+            .await;
+    }
+
+    async fn refuse(&mut self, status: u16, why: HandshakeFailure) -> bool {
+        self.shared.metrics.handshake_failed(why);
+        self.answer(&handshake::refusal(status), status).await;
+        false
+    }
+
+    async fn answer(&mut self, bytes: &[u8], status: u16) {
+        if let Some(raw) = self.raw.as_mut() {
+            let _ = rt::timeout(relay::CLOSE_TIMEOUT, handshake::write_all(raw, bytes)).await;
+        }
+        let l = &self.shared.listeners[self.listener];
+        log::info!(
+            "refused session={} client={} listener={} route={} pool={} status={status} duration_ms={}",
+            self.id,
+            self.peer,
+            l.name,
+            self.route.as_deref().unwrap_or("-"),
+            self.pool.as_deref().unwrap_or("-"),
+            self.started.elapsed().as_millis()
+        );
+    }
+
+    /// The access line (SPEC §6) of an established session, and its last metric counts.
+    fn finish_log(&mut self) {
+        flush_counters(&self.shared.metrics, &mut self.flushed, &self.counters);
+        let Some((code, by)) = self.close else { return };
+        let c = self.counters;
+        let backends: Vec<String> = self.backends_used.iter().map(ToString::to_string).collect();
+        log::info!(
+            "access session={} client={} listener={} route={} pool={} backend={} duration_ms={} c2b_msgs={} b2c_msgs={} c2b_bytes={} b2c_bytes={} close={code} closed_by={} failovers={}",
+            self.id,
+            self.peer,
+            self.shared.listeners[self.listener].name,
+            self.route.as_deref().unwrap_or("-"),
+            self.pool.as_deref().unwrap_or("-"),
+            backends.last().map(String::as_str).unwrap_or("-"),
+            self.started.elapsed().as_millis(),
+            c.c2b_msgs,
+            c.b2c_msgs,
+            c.c2b_bytes,
+            c.b2c_bytes,
+            match by {
+                ClosedBy::Client => "client",
+                ClosedBy::Backend => "backend",
+                ClosedBy::Gateway => "gateway",
+            },
+            self.failovers,
+        );
+    }
+}
+
+/// Adds what the relay counted since the last flush to the process metrics.
+fn flush_counters(m: &crate::metrics::Metrics, flushed: &mut Counters, now: &Counters) {
+    m.messages_c2b.fetch_add(now.c2b_msgs - flushed.c2b_msgs, Relaxed);
+    m.messages_b2c.fetch_add(now.b2c_msgs - flushed.b2c_msgs, Relaxed);
+    m.bytes_c2b.fetch_add(now.c2b_bytes - flushed.c2b_bytes, Relaxed);
+    m.bytes_b2c.fetch_add(now.b2c_bytes - flushed.b2c_bytes, Relaxed);
+    *flushed = *now;
+}
+
+enum DialError {
+    /// The backend answered the upgrade with a 4xx: the application's verdict.
+    Refused(async_tungstenite::tungstenite::handshake::client::Response),
+    /// Refused/reset connection, timeout, 5xx, or a broken handshake: try another backend.
+    Failed(String),
+}
+
+async fn dial(
+    b: &BackendState,
+    req: async_tungstenite::tungstenite::http::Request<()>,
+    cfg: async_tungstenite::tungstenite::protocol::WebSocketConfig,
+    timeout: std::time::Duration,
+) -> Result<(BackendWs, async_tungstenite::tungstenite::handshake::client::Response), DialError> {
+    let started = Instant::now();
+    let tcp = transport::dial(b.addr, timeout).await.map_err(|e| DialError::Failed(format!("connect: {e}")))?;
+    let left = timeout.saturating_sub(started.elapsed());
+    match rt::timeout(left, async_tungstenite::client_async_with_config(req, tcp, Some(cfg))).await {
+        Err(_) => Err(DialError::Failed("upgrade timed out (connect_ms)".into())),
+        Ok(Ok(ok)) => Ok(ok),
+        Ok(Err(WsError::Http(resp))) if resp.status().is_client_error() => Err(DialError::Refused(*resp)),
+        Ok(Err(WsError::Http(resp))) => Err(DialError::Failed(format!("upgrade answered {}", resp.status()))),
+        Ok(Err(e)) => Err(DialError::Failed(format!("upgrade: {e}"))),
+    }
+}

@@ -1,0 +1,104 @@
+//! What the supervisor keeps for the whole tree and hands to its children: the config, the
+//! metrics, each pool's shared state and the current address of every restartable actor, and
+//! the session limits. Read on the handshake path only; nothing here is touched per message.
+
+use crate::config::Config;
+use crate::listener::Listener;
+use crate::metrics::Metrics;
+use crate::pool::{Pool, PoolShared};
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use xactor::Addr;
+
+/// The current address of a supervised actor; replaced when the supervisor restarts it.
+pub struct Slot<A: xactor::Actor>(RwLock<Option<Addr<A>>>);
+
+impl<A: xactor::Actor> Default for Slot<A> {
+    fn default() -> Self {
+        Slot(RwLock::new(None))
+    }
+}
+
+impl<A: xactor::Actor> Slot<A> {
+    pub fn get(&self) -> Option<Addr<A>> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+    pub fn set(&self, addr: Option<Addr<A>>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = addr;
+    }
+}
+
+pub struct PoolHandle {
+    pub shared: Arc<PoolShared>,
+    pub addr: Slot<Pool>,
+}
+
+pub struct ListenerHandle {
+    pub name: String,
+    pub addr: Slot<Listener>,
+}
+
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub pools: BTreeMap<String, PoolHandle>,
+    pub listeners: Vec<ListenerHandle>,
+    per_ip: Mutex<HashMap<IpAddr, u64>>,
+}
+
+impl Shared {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Shared> {
+        let pools = config
+            .pools
+            .iter()
+            .map(|(name, p)| (name.clone(), PoolHandle { shared: PoolShared::new(name, p), addr: Slot::default() }))
+            .collect();
+        let listeners = (0..config.listeners.len())
+            .map(|i| ListenerHandle { name: config.listener_name(i), addr: Slot::default() })
+            .collect();
+        Arc::new(Shared { config, metrics, pools, listeners, per_ip: Mutex::new(HashMap::new()) })
+    }
+
+    /// Claims a session slot under `limits`, or `None` (→ 503).
+    pub fn acquire_slot(self: &Arc<Self>, ip: IpAddr) -> Option<SessionSlot> {
+        let limits = self.config.limits;
+        let active = self.metrics.sessions_active.fetch_add(1, Relaxed);
+        let mut slot = SessionSlot { shared: Arc::clone(self), ip: None };
+        if active >= limits.max_sessions {
+            return None; // the drop gives the count back
+        }
+        if limits.max_sessions_per_ip > 0 {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = per_ip.entry(ip).or_insert(0);
+            if *n >= limits.max_sessions_per_ip {
+                return None;
+            }
+            *n += 1;
+            slot.ip = Some(ip);
+        }
+        Some(slot)
+    }
+}
+
+/// A claimed session slot; dropping it gives the slot back.
+pub struct SessionSlot {
+    shared: Arc<Shared>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.shared.metrics.sessions_active.fetch_sub(1, Relaxed);
+        if let Some(ip) = self.ip {
+            let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
