@@ -14,8 +14,14 @@ pub async fn serve(config_path: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
-/// Initialises env_logger: `RUST_LOG` as given, `info` when unset.
+/// Initialises env_logger (`RUST_LOG` as given, `info` when unset) and routes panics into
+/// the log as one `error` line each: the supervisor and sessions recover from them, so a
+/// multi-screen backtrace on stderr would only bury the log.
 pub fn init_logging() {
     let env = env_logger::Env::default().default_filter_or("info");
     let _ = env_logger::Builder::from_env(env).format_timestamp_millis().try_init();
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        log::error!(target: "wsgate::panic", "panic in thread {}: {info}", thread.name().unwrap_or("?"));
+    }));
 }

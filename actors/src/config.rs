@@ -298,11 +298,14 @@ impl Config {
     /// Parses JSON text, naming the field path of any error, then validates it.
     pub fn from_json(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
         let de = &mut serde_json::Deserializer::from_str(text);
-        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
             let path = e.path().to_string();
-            let path = if path == "." { String::new() } else { path };
-            ConfigError::new(path, e.into_inner().to_string())
+            let inner = e.into_inner();
+            // A syntax error has no meaningful field path ("listeners[0].?").
+            let path = if path == "." || inner.is_syntax() || inner.is_eof() { String::new() } else { path };
+            ConfigError::new(path, inner.to_string())
         })?;
+        de.end().map_err(|e| ConfigError::new("", e.to_string()))?;
         config.base_dir = base_dir.to_path_buf();
         config.validate()?;
         Ok(config)
@@ -333,11 +336,15 @@ impl Config {
         if self.pools.is_empty() {
             return Err(ConfigError::new("pools", "at least one pool is required"));
         }
-        let mut binds = HashSet::new();
         let mut names = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
             let at = format!("listeners[{i}]");
-            if !binds.insert(l.bind) {
+            let clash = l.bind.port() != 0
+                && self.listeners[..i].iter().any(|o| {
+                    o.bind.port() == l.bind.port()
+                        && (o.bind.ip() == l.bind.ip() || o.bind.ip().is_unspecified() || l.bind.ip().is_unspecified())
+                });
+            if clash {
                 return Err(ConfigError::new(
                     format!("{at}.bind"),
                     format!("{} is bound by another listener", l.bind),
@@ -377,7 +384,13 @@ impl Config {
                     ));
                 }
                 if let Some(h) = &r.host {
-                    if h.is_empty() || h.contains(['/', ' ']) {
+                    if crate::route::host_without_port(h) != h.as_str() {
+                        return Err(ConfigError::new(
+                            format!("{at}.host"),
+                            format!("host {h:?} must not carry a port (matching ignores the port)"),
+                        ));
+                    }
+                    if h.is_empty() || h.contains(['/', ' ', '[', ']']) {
                         return Err(ConfigError::new(format!("{at}.host"), format!("invalid host {h:?}")));
                     }
                 }
@@ -465,7 +478,9 @@ impl Config {
             }
         }
         for (i, o) in self.allowed_origins.iter().enumerate() {
-            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+            let lower = o.to_ascii_lowercase();
+            let rest = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://"));
+            if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
                 return Err(ConfigError::new(
                     format!("allowed_origins[{i}]"),
                     format!("{o:?} is not an origin (scheme://host[:port])"),
@@ -490,4 +505,74 @@ impl Config {
 fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{"listeners":[{"bind":"127.0.0.1:8020","routes":[{"path":"/chat","pool":"chat"}]}],
+        "pools":{"chat":{"backends":[{"address":"127.0.0.1:8010"}]}}}"#;
+
+    fn err(json: &str) -> String {
+        match Config::from_json(json, Path::new(".")) {
+            Ok(_) => panic!("accepted: {json}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = Config::from_json(MINIMAL, Path::new(".")).unwrap();
+        let p = &c.pools["chat"];
+        assert_eq!(p.balance, Balance::RoundRobin);
+        assert_eq!((p.connect_attempts, p.passive.max_fails, p.passive.fail_timeout_ms), (3, 1, 10_000));
+        assert_eq!(p.backends[0].weight, 1);
+        assert_eq!(c.timeouts, Timeouts::default());
+        assert_eq!(c.timeouts.idle_ms, 300_000);
+        assert_eq!(c.limits.max_message_bytes, 16 << 20);
+        assert!(c.headers.forwarded);
+        assert_eq!(c.relay, RelayMode::Message);
+        assert_eq!(c.listener_name(0), "listener-0");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let bad_addr = MINIMAL.replace("127.0.0.1:8010", "127.0.0.1:80x0");
+        assert!(err(&bad_addr).starts_with(
+            "config error: pools.chat.backends[0].address: invalid socket address \"127.0.0.1:80x0\""
+        ));
+        assert!(err(&MINIMAL.replace("\"pool\":\"chat\"", "\"pool\":\"nope\"")).starts_with(
+            "config error: listeners[0].routes[0].pool: no pool named \"nope\""
+        ));
+        assert!(err(&MINIMAL.replace("\"backends\":[{\"address\":\"127.0.0.1:8010\"}]", "\"backends\":[]"))
+            .starts_with("config error: pools.chat.backends: at least one backend"));
+        assert!(err(&MINIMAL.replace("8010\"}", "8010\",\"weight\":0}"))
+            .starts_with("config error: pools.chat.backends[0].weight:"));
+        assert!(err(&MINIMAL.replace("\"backends\"", "\"balance\":\"fastest\",\"backends\""))
+            .starts_with("config error: pools.chat.balance: unknown variant `fastest`"));
+        assert!(err(&MINIMAL.replace("\"backends\"", "\"balanse\":\"ip_hash\",\"backends\""))
+            .contains("unknown field `balanse`"));
+        assert!(err(&format!("{MINIMAL} x")).starts_with("config error: trailing characters"));
+    }
+
+    #[test]
+    fn duplicate_binds() {
+        let two = r#"{"listeners":[{"bind":"0.0.0.0:8020","routes":[{"path":"/","pool":"p"}]},
+            {"bind":"127.0.0.1:8020","routes":[{"path":"/","pool":"p"}]}],
+            "pools":{"p":{"backends":[{"address":"127.0.0.1:1"}]}}}"#;
+        assert!(err(two).starts_with("config error: listeners[1].bind:"));
+        let zeros = two.replace(":8020", ":0");
+        assert!(Config::from_json(&zeros, Path::new(".")).is_ok());
+    }
+
+    #[test]
+    fn routes_and_origins() {
+        let host_port = MINIMAL.replace("\"pool\":\"chat\"", "\"pool\":\"chat\",\"host\":\"localhost:8020\"");
+        assert!(err(&host_port).starts_with("config error: listeners[0].routes[0].host:"));
+        let origin = MINIMAL.replace("\"pools\"", "\"allowed_origins\":[\"HTTP://Localhost:8020\"],\"pools\"");
+        assert!(Config::from_json(&origin, Path::new(".")).is_ok());
+        let origin = MINIMAL.replace("\"pools\"", "\"allowed_origins\":[\"http://h/path\"],\"pools\"");
+        assert!(err(&origin).starts_with("config error: allowed_origins[0]:"));
+    }
 }
