@@ -1,7 +1,13 @@
 //! The `wsgate` binary's library half: reading the config file, starting the engine, and
 //! (later) signals and the admin endpoint. `main.rs` is only the command line.
 
+pub mod admin;
+
 use std::path::PathBuf;
+use futures::StreamExt;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_async_std::Signals;
+use std::sync::Arc;
 use wsgate_actors::config::Config;
 
 pub use wsgate_actors as engine;
@@ -9,8 +15,23 @@ pub use wsgate_actors as engine;
 /// Runs the gateway from a config file until the process is stopped.
 pub async fn serve(config_path: PathBuf) -> Result<(), String> {
     let config = Config::load(&config_path).map_err(|e| e.to_string())?;
-    let _gateway = wsgate_actors::start(config).await?;
-    futures::future::pending::<()>().await;
+    let admin_bind = config.admin.as_ref().map(|a| a.bind);
+    let gateway = wsgate_actors::start(config).await?;
+    if let Some(bind) = admin_bind {
+        let info = Arc::new(admin::AdminInfo::new(&config_path));
+        admin::start(bind, Arc::clone(&gateway.shared), info).await?;
+    }
+    let drain = gateway.shared.config.timeouts.drain();
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    if let Some(sig) = signals.next().await {
+        let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+        log::info!("{name}: draining");
+        let left = gateway.shutdown(drain).await;
+        if left > 0 {
+            log::warn!("shutdown: {left} sessions still open after drain_ms; exiting anyway");
+        }
+        log::info!("shutdown complete");
+    }
     Ok(())
 }
 

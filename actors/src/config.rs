@@ -351,7 +351,7 @@ impl Config {
                 ));
             }
             if let Some(admin) = &self.admin {
-                if admin.bind == l.bind {
+                if admin.bind == l.bind && l.bind.port() != 0 {
                     return Err(ConfigError::new(
                         format!("{at}.bind"),
                         format!("{} is also admin.bind", l.bind),

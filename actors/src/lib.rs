@@ -21,7 +21,9 @@ use config::Config;
 use metrics::Metrics;
 use shared::Shared;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use supervisor::Supervisor;
 use xactor::{Actor, Addr};
 
@@ -54,4 +56,25 @@ pub async fn start(config: Config) -> Result<Gateway, String> {
         .await
         .map_err(|e| format!("supervisor did not start: {e}"))?;
     Ok(Gateway { supervisor, shared, listen_addrs })
+}
+
+impl Gateway {
+    /// Graceful stop (SIGTERM/SIGINT): stop accepting, close every client with 1001, and wait
+    /// up to `drain` for the closing handshakes. Returns the sessions still open at the end.
+    pub async fn shutdown(&self, drain: Duration) -> u64 {
+        let _ = self.supervisor.call(messages::StopAccepting).await;
+        self.shared.draining.store(true, Relaxed);
+        let going_away = || relay::Control::Close { code: 1001, reason: "going away" };
+        let n = self.shared.broadcast(going_away);
+        log::info!("shutdown: closing {n} sessions with 1001 (drain_ms {})", drain.as_millis());
+        let deadline = Instant::now() + drain;
+        loop {
+            let live = self.shared.metrics.sessions_active.load(Relaxed);
+            if live == 0 || Instant::now() >= deadline {
+                return live;
+            }
+            // Sessions that were mid-handshake at the broadcast see `draining` and close too.
+            rt::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }

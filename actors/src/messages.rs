@@ -130,3 +130,8 @@ pub struct Revive {
     pub backend: usize,
     pub epoch: u64,
 }
+
+/// Stop accepting: the supervisor stops its listeners and closes their sockets.
+#[message]
+#[derive(Debug)]
+pub struct StopAccepting;

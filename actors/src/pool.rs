@@ -56,6 +56,11 @@ impl BackendState {
         self.up.load(Relaxed)
     }
 
+    /// The sessions on this backend now.
+    pub fn sessions_snapshot(&self) -> Vec<(SessionId, WeakAddr<Session>)> {
+        self.sessions().iter().map(|(id, a)| (*id, a.clone())).collect()
+    }
+
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, WeakAddr<Session>>> {
         // A panic while holding this lock leaves a plain map: still consistent.
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
@@ -172,9 +177,7 @@ impl Pool {
         self.epochs[i] += 1;
         log::warn!("backend {} in pool {} is DOWN: {cause}", b.addr, self.shared.name);
         if notify {
-            let sessions: Vec<(SessionId, WeakAddr<Session>)> =
-                b.sessions().iter().map(|(id, a)| (*id, a.clone())).collect();
-            for (id, weak) in sessions {
+            for (id, weak) in b.sessions_snapshot() {
                 if let Some(addr) = weak.upgrade() {
                     let msg = BackendLost { backend: b.addr, reason: cause.to_string() };
                     trace(&self.name(), &crate::messages::SessionName(id), &msg);

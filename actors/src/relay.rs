@@ -255,7 +255,8 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let tick = timing.ping_interval.min(timing.idle / 8).max(Duration::from_millis(5));
+    // Coarse enough to cost nothing on idle sessions, fine enough for metrics and idle_ms.
+    let tick = timing.ping_interval.min(timing.idle / 8).min(Duration::from_secs(5)).max(Duration::from_millis(5));
     let mut timer = Timer::after(tick);
     let mut c2b = Dir::default();
     let mut b2c = Dir::default();

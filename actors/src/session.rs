@@ -233,6 +233,10 @@ impl Run {
             lease.attach(self.id, me.downgrade());
         }
         self.shared.metrics.sessions_total.fetch_add(1, Relaxed);
+        if self.shared.draining.load(Relaxed) {
+            // Shutting down: this session missed the broadcast; end it the same way.
+            let _ = me.send(SessionControl(Control::Close { code: 1001, reason: "going away" }));
+        }
         #[cfg(feature = "fault-injection")]
         self.inject(fault.as_deref(), &route.pool);
         true

@@ -46,6 +46,8 @@ pub struct Shared {
     pub pools: BTreeMap<String, PoolHandle>,
     pub listeners: Vec<ListenerHandle>,
     per_ip: Mutex<HashMap<IpAddr, u64>>,
+    /// Set at shutdown: sessions finishing their handshake close at once with 1001.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -58,7 +60,14 @@ impl Shared {
         let listeners = (0..config.listeners.len())
             .map(|i| ListenerHandle { name: config.listener_name(i), addr: Slot::default() })
             .collect();
-        Arc::new(Shared { config, metrics, pools, listeners, per_ip: Mutex::new(HashMap::new()) })
+        Arc::new(Shared {
+            config,
+            metrics,
+            pools,
+            listeners,
+            per_ip: Mutex::new(HashMap::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// Claims a session slot under `limits`, or `None` (→ 503).
@@ -100,5 +109,95 @@ impl Drop for SessionSlot {
                 }
             }
         }
+    }
+}
+
+impl Shared {
+    /// The Prometheus text exposition of every series (SPEC §6).
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::with_capacity(4096);
+        self.metrics.render(&mut out);
+        let _ = writeln!(out, "# HELP wsgate_backend_up Whether the backend takes new sessions.\n# TYPE wsgate_backend_up gauge");
+        for (name, p) in &self.pools {
+            for b in &p.shared.backends {
+                let _ = writeln!(out, "wsgate_backend_up{{pool=\"{name}\",backend=\"{}\"}} {}", b.addr, u8::from(b.is_up()));
+            }
+        }
+        let _ = writeln!(out, "# HELP wsgate_backend_sessions Live sessions on the backend.\n# TYPE wsgate_backend_sessions gauge");
+        for (name, p) in &self.pools {
+            for b in &p.shared.backends {
+                let _ = writeln!(out, "wsgate_backend_sessions{{pool=\"{name}\",backend=\"{}\"}} {}", b.addr, b.active());
+            }
+        }
+        out
+    }
+
+    /// Pools, backends with health and live sessions, and listeners, as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let pools: serde_json::Map<String, serde_json::Value> = self
+            .pools
+            .iter()
+            .map(|(name, p)| {
+                let backends: Vec<serde_json::Value> = p
+                    .shared
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        serde_json::json!({
+                            "address": b.addr.to_string(),
+                            "weight": b.weight,
+                            "health": if b.is_up() { "up" } else { "down" },
+                            "sessions": b.active(),
+                        })
+                    })
+                    .collect();
+                let v = serde_json::json!({
+                    "balance": p.shared.config.balance,
+                    "actor": if p.addr.get().is_some() { "running" } else { "restarting" },
+                    "backends": backends,
+                });
+                (name.clone(), v)
+            })
+            .collect();
+        let listeners: Vec<serde_json::Value> = self
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                serde_json::json!({
+                    "name": l.name,
+                    "bind": self.config.listeners[i].bind.to_string(),
+                    "actor": if l.addr.get().is_some() { "running" } else { "restarting" },
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "sessions_active": self.metrics.sessions_active.load(Relaxed),
+            "sessions_total": self.metrics.sessions_total.load(Relaxed),
+            "pools": pools,
+            "listeners": listeners,
+        })
+    }
+}
+
+impl Shared {
+    /// Sends a control event to every established session (drain, shutdown).
+    pub fn broadcast(&self, make: impl Fn() -> crate::relay::Control) -> usize {
+        let mut n = 0;
+        for p in self.pools.values() {
+            for b in &p.shared.backends {
+                for (id, addr) in b.sessions_snapshot() {
+                    if let Some(addr) = addr.upgrade() {
+                        let msg = crate::messages::SessionControl(make());
+                        crate::messages::trace(&"supervisor", &crate::messages::SessionName(id), &msg);
+                        if addr.send(msg).is_ok() {
+                            n += 1;
+                        }
+                    }
+                }
+            }
+        }
+        n
     }
 }

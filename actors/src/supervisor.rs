@@ -9,7 +9,7 @@
 //! crashing cannot spin the CPU, while one that failed once is back almost at once.
 
 use crate::listener::Listener;
-use crate::messages::{trace, ChildExited, RestartChild};
+use crate::messages::{trace, ChildExited, RestartChild, StopAccepting};
 use crate::pool::Pool;
 use crate::rt::{self, TcpListener};
 use crate::shared::Shared;
@@ -40,11 +40,13 @@ pub struct Supervisor {
     shared: Arc<Shared>,
     sockets: Vec<Arc<TcpListener>>,
     children: HashMap<ChildId, ChildState>,
+    /// Shutting down: listeners that stop are not restarted.
+    stopping: bool,
 }
 
 impl Supervisor {
     pub fn new(shared: Arc<Shared>, sockets: Vec<Arc<TcpListener>>) -> Supervisor {
-        Supervisor { shared, sockets, children: HashMap::new() }
+        Supervisor { shared, sockets, children: HashMap::new(), stopping: false }
     }
 
     fn child_name(&self, id: &ChildId) -> String {
@@ -115,8 +117,8 @@ impl Handler<ChildExited> for Supervisor {
     async fn handle(&mut self, ctx: &mut Context<Self>, msg: ChildExited) {
         let name = self.child_name(&msg.child);
         let Some(state) = self.children.get_mut(&msg.child) else { return };
-        if state.generation != msg.generation {
-            return; // an older incarnation, already replaced
+        if state.generation != msg.generation || (self.stopping && matches!(msg.child, ChildId::Listener(_))) {
+            return; // an older incarnation, already replaced, or a listener we stopped
         }
         match &msg.child {
             ChildId::Pool(n) => {
@@ -156,5 +158,21 @@ impl Handler<RestartChild> for Supervisor {
                 ctx.send_later(RestartChild { child: msg.child }, MAX_BACKOFF);
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler<StopAccepting> for Supervisor {
+    async fn handle(&mut self, _ctx: &mut Context<Self>, _msg: StopAccepting) {
+        self.stopping = true;
+        for l in &self.shared.listeners {
+            if let Some(mut addr) = l.addr.get() {
+                let _ = addr.stop(None);
+            }
+            l.addr.set(None);
+        }
+        // The listeners' own references go with them: the sockets close, new connects are refused.
+        self.sockets.clear();
+        log::info!("supervisor: stopped accepting");
     }
 }

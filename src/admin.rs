@@ -1,0 +1,74 @@
+//! The admin endpoint (`admin.bind`): `GET /metrics` (Prometheus text), `GET /status` (JSON).
+//! Off unless configured. Plain HTTP/1.1, one request per connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use wsgate_actors::handshake::{read_head, simple_response, write_all};
+use wsgate_actors::rt::{self, TcpListener, TcpStream};
+use wsgate_actors::shared::Shared;
+
+/// What `/status` reports beyond the engine's own state.
+pub struct AdminInfo {
+    pub config_path: String,
+    pub started: std::time::Instant,
+    pub loaded_at_unix: u64,
+}
+
+impl AdminInfo {
+    pub fn new(config_path: &std::path::Path) -> AdminInfo {
+        AdminInfo {
+            config_path: config_path.display().to_string(),
+            started: std::time::Instant::now(),
+            loaded_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        }
+    }
+}
+
+/// Binds the admin socket; the accept loop runs until the process ends.
+pub async fn start(bind: SocketAddr, shared: Arc<Shared>, info: Arc<AdminInfo>) -> Result<SocketAddr, String> {
+    let socket = TcpListener::bind(bind).await.map_err(|e| format!("admin: cannot bind {bind}: {e}"))?;
+    let local = socket.local_addr().map_err(|e| format!("admin: {e}"))?;
+    log::info!("admin listening on {local}");
+    rt::spawn(async move {
+        loop {
+            match socket.accept().await {
+                Ok((stream, _)) => {
+                    rt::spawn(handle(stream, Arc::clone(&shared), Arc::clone(&info)));
+                }
+                Err(e) => {
+                    log::warn!("admin: accept failed: {e}");
+                    rt::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    Ok(local)
+}
+
+async fn handle(mut stream: TcpStream, shared: Arc<Shared>, info: Arc<AdminInfo>) {
+    let mut buf = Vec::new();
+    let head = match rt::timeout(Duration::from_secs(5), read_head(&mut stream, &mut buf)).await {
+        Ok(Ok((head, _))) => head,
+        _ => return,
+    };
+    let path = head.target.split('?').next().unwrap_or("");
+    let response = match (head.method.as_str(), path) {
+        ("GET", "/metrics") => simple_response(
+            200,
+            &[("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+            shared.prometheus().as_bytes(),
+        ),
+        ("GET", "/status") => {
+            let mut status = shared.status();
+            status["uptime_s"] = info.started.elapsed().as_secs().into();
+            status["config_file"] = info.config_path.clone().into();
+            status["config_loaded_at_unix"] = info.loaded_at_unix.into();
+            let body = serde_json::to_vec_pretty(&status).unwrap_or_default();
+            simple_response(200, &[("Content-Type", "application/json")], &body)
+        }
+        (_, "/metrics" | "/status") => simple_response(405, &[("Allow", "GET")], b"method not allowed\n"),
+        _ => simple_response(404, &[("Content-Type", "text/plain")], b"not found\n"),
+    };
+    let _ = write_all(&mut stream, &response).await;
+}
