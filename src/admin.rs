@@ -20,14 +20,22 @@ impl AdminInfo {
         AdminInfo {
             config_path: config_path.display().to_string(),
             started: std::time::Instant::now(),
-            loaded_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            loaded_at_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         }
     }
 }
 
 /// Binds the admin socket; the accept loop runs until the process ends.
-pub async fn start(bind: SocketAddr, shared: Arc<Shared>, info: Arc<AdminInfo>) -> Result<SocketAddr, String> {
-    let socket = TcpListener::bind(bind).await.map_err(|e| format!("admin: cannot bind {bind}: {e}"))?;
+pub async fn start(
+    bind: SocketAddr,
+    shared: Arc<Shared>,
+    info: Arc<AdminInfo>,
+) -> Result<SocketAddr, String> {
+    let socket = TcpListener::bind(bind)
+        .await
+        .map_err(|e| format!("admin: cannot bind {bind}: {e}"))?;
     let local = socket.local_addr().map_err(|e| format!("admin: {e}"))?;
     log::info!("admin listening on {local}");
     rt::spawn(async move {
@@ -67,7 +75,9 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>, info: Arc<AdminInfo>
             let body = serde_json::to_vec_pretty(&status).unwrap_or_default();
             simple_response(200, &[("Content-Type", "application/json")], &body)
         }
-        (_, "/metrics" | "/status") => simple_response(405, &[("Allow", "GET")], b"method not allowed\n"),
+        (_, "/metrics" | "/status") => {
+            simple_response(405, &[("Allow", "GET")], b"method not allowed\n")
+        }
         _ => simple_response(404, &[("Content-Type", "text/plain")], b"not found\n"),
     };
     let _ = write_all(&mut stream, &response).await;

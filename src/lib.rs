@@ -3,10 +3,10 @@
 
 pub mod admin;
 
-use std::path::PathBuf;
 use futures::StreamExt;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_async_std::Signals;
+use std::path::PathBuf;
 use std::sync::Arc;
 use wsgate_actors::config::Config;
 
@@ -22,7 +22,8 @@ pub async fn serve(config_path: PathBuf) -> Result<(), String> {
         admin::start(bind, Arc::clone(&gateway.shared), info).await?;
     }
     let drain = gateway.shared.config.timeouts.drain();
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut signals = Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     if let Some(sig) = signals.next().await {
         let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
         log::info!("{name}: draining");
@@ -40,7 +41,9 @@ pub async fn serve(config_path: PathBuf) -> Result<(), String> {
 /// multi-screen backtrace on stderr would only bury the log.
 pub fn init_logging() {
     let env = env_logger::Env::default().default_filter_or("info");
-    let _ = env_logger::Builder::from_env(env).format_timestamp_millis().try_init();
+    let _ = env_logger::Builder::from_env(env)
+        .format_timestamp_millis()
+        .try_init();
     std::panic::set_hook(Box::new(|info| {
         let thread = std::thread::current();
         log::error!(target: "wsgate::panic", "panic in thread {}: {info}", thread.name().unwrap_or("?"));

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use wsgate_actors::config::Config;
 
-const USAGE: &str = "usage: wsgate [--config PATH] | wsgate --check [--config PATH] | wsgate --version";
+const USAGE: &str =
+    "usage: wsgate [--config PATH] | wsgate --check [--config PATH] | wsgate --version";
 
 fn main() -> ExitCode {
     let mut config = PathBuf::from("config.json");

@@ -17,7 +17,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError { path: path.into(), message: message.into() }
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -203,7 +206,10 @@ pub struct PassiveConfig {
 
 impl Default for PassiveConfig {
     fn default() -> Self {
-        PassiveConfig { max_fails: 1, fail_timeout_ms: 10_000 }
+        PassiveConfig {
+            max_fails: 1,
+            fail_timeout_ms: 10_000,
+        }
     }
 }
 
@@ -277,7 +283,10 @@ pub struct HeadersConfig {
 
 impl Default for HeadersConfig {
     fn default() -> Self {
-        HeadersConfig { forwarded: true, set: BTreeMap::new() }
+        HeadersConfig {
+            forwarded: true,
+            set: BTreeMap::new(),
+        }
     }
 }
 
@@ -302,7 +311,11 @@ impl Config {
             let path = e.path().to_string();
             let inner = e.into_inner();
             // A syntax error has no meaningful field path ("listeners[0].?").
-            let path = if path == "." || inner.is_syntax() || inner.is_eof() { String::new() } else { path };
+            let path = if path == "." || inner.is_syntax() || inner.is_eof() {
+                String::new()
+            } else {
+                path
+            };
             ConfigError::new(path, inner.to_string())
         })?;
         de.end().map_err(|e| ConfigError::new("", e.to_string()))?;
@@ -331,7 +344,10 @@ impl Config {
     /// The checks serde cannot make. The first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.listeners.is_empty() {
-            return Err(ConfigError::new("listeners", "at least one listener is required"));
+            return Err(ConfigError::new(
+                "listeners",
+                "at least one listener is required",
+            ));
         }
         if self.pools.is_empty() {
             return Err(ConfigError::new("pools", "at least one pool is required"));
@@ -342,7 +358,9 @@ impl Config {
             let clash = l.bind.port() != 0
                 && self.listeners[..i].iter().any(|o| {
                     o.bind.port() == l.bind.port()
-                        && (o.bind.ip() == l.bind.ip() || o.bind.ip().is_unspecified() || l.bind.ip().is_unspecified())
+                        && (o.bind.ip() == l.bind.ip()
+                            || o.bind.ip().is_unspecified()
+                            || l.bind.ip().is_unspecified())
                 });
             if clash {
                 return Err(ConfigError::new(
@@ -366,7 +384,10 @@ impl Config {
                 ));
             }
             if l.routes.is_empty() {
-                return Err(ConfigError::new(format!("{at}.routes"), "at least one route is required"));
+                return Err(ConfigError::new(
+                    format!("{at}.routes"),
+                    "at least one route is required",
+                ));
             }
             let mut seen = HashSet::new();
             for (j, r) in l.routes.iter().enumerate() {
@@ -391,10 +412,16 @@ impl Config {
                         ));
                     }
                     if h.is_empty() || h.contains(['/', ' ', '[', ']']) {
-                        return Err(ConfigError::new(format!("{at}.host"), format!("invalid host {h:?}")));
+                        return Err(ConfigError::new(
+                            format!("{at}.host"),
+                            format!("invalid host {h:?}"),
+                        ));
                     }
                 }
-                let key = (r.path.clone(), r.host.as_ref().map(|h| h.to_ascii_lowercase()));
+                let key = (
+                    r.path.clone(),
+                    r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                );
                 if !seen.insert(key) {
                     return Err(ConfigError::new(
                         format!("{at}.path"),
@@ -406,7 +433,10 @@ impl Config {
         for (name, p) in &self.pools {
             let at = format!("pools.{name}");
             if p.backends.is_empty() {
-                return Err(ConfigError::new(format!("{at}.backends"), "at least one backend is required"));
+                return Err(ConfigError::new(
+                    format!("{at}.backends"),
+                    "at least one backend is required",
+                ));
             }
             let mut addrs = HashSet::new();
             for (i, b) in p.backends.iter().enumerate() {
@@ -424,24 +454,42 @@ impl Config {
                 }
             }
             if p.connect_attempts == 0 {
-                return Err(ConfigError::new(format!("{at}.connect_attempts"), "must be at least 1"));
+                return Err(ConfigError::new(
+                    format!("{at}.connect_attempts"),
+                    "must be at least 1",
+                ));
             }
             if let Some(hc) = &p.health_check {
                 let at = format!("{at}.health_check");
                 if hc.interval_ms == 0 {
-                    return Err(ConfigError::new(format!("{at}.interval_ms"), "must be at least 1"));
+                    return Err(ConfigError::new(
+                        format!("{at}.interval_ms"),
+                        "must be at least 1",
+                    ));
                 }
                 if hc.timeout_ms == 0 {
-                    return Err(ConfigError::new(format!("{at}.timeout_ms"), "must be at least 1"));
+                    return Err(ConfigError::new(
+                        format!("{at}.timeout_ms"),
+                        "must be at least 1",
+                    ));
                 }
                 if hc.healthy_after == 0 {
-                    return Err(ConfigError::new(format!("{at}.healthy_after"), "must be at least 1"));
+                    return Err(ConfigError::new(
+                        format!("{at}.healthy_after"),
+                        "must be at least 1",
+                    ));
                 }
                 if hc.unhealthy_after == 0 {
-                    return Err(ConfigError::new(format!("{at}.unhealthy_after"), "must be at least 1"));
+                    return Err(ConfigError::new(
+                        format!("{at}.unhealthy_after"),
+                        "must be at least 1",
+                    ));
                 }
                 if !hc.path.starts_with('/') {
-                    return Err(ConfigError::new(format!("{at}.path"), "must start with \"/\""));
+                    return Err(ConfigError::new(
+                        format!("{at}.path"),
+                        "must start with \"/\"",
+                    ));
                 }
             }
         }
@@ -453,14 +501,23 @@ impl Config {
             ("ping_interval_ms", t.ping_interval_ms),
         ] {
             if v == 0 {
-                return Err(ConfigError::new(format!("timeouts.{field}"), "must be at least 1"));
+                return Err(ConfigError::new(
+                    format!("timeouts.{field}"),
+                    "must be at least 1",
+                ));
             }
         }
         if self.limits.max_frame_bytes == 0 {
-            return Err(ConfigError::new("limits.max_frame_bytes", "must be at least 1"));
+            return Err(ConfigError::new(
+                "limits.max_frame_bytes",
+                "must be at least 1",
+            ));
         }
         if self.limits.max_message_bytes == 0 {
-            return Err(ConfigError::new("limits.max_message_bytes", "must be at least 1"));
+            return Err(ConfigError::new(
+                "limits.max_message_bytes",
+                "must be at least 1",
+            ));
         }
         for (k, v) in &self.headers.set {
             let at = format!("headers.set.{k}");
@@ -468,7 +525,10 @@ impl Config {
                 return Err(ConfigError::new(at, "not a valid header name"));
             }
             if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                return Err(ConfigError::new(at, "header value must not contain CR, LF or NUL"));
+                return Err(ConfigError::new(
+                    at,
+                    "header value must not contain CR, LF or NUL",
+                ));
             }
             if crate::handshake::is_reserved_upstream_header(k) {
                 return Err(ConfigError::new(
@@ -479,7 +539,9 @@ impl Config {
         }
         for (i, o) in self.allowed_origins.iter().enumerate() {
             let lower = o.to_ascii_lowercase();
-            let rest = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://"));
+            let rest = lower
+                .strip_prefix("http://")
+                .or_else(|| lower.strip_prefix("https://"));
             if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
                 return Err(ConfigError::new(
                     format!("allowed_origins[{i}]"),
@@ -492,19 +554,26 @@ impl Config {
 
     /// The listener's configured name, or `listener-N`.
     pub fn listener_name(&self, i: usize) -> String {
-        self.listeners[i].name.clone().unwrap_or_else(|| format!("listener-{i}"))
+        self.listeners[i]
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("listener-{i}"))
     }
 
     /// The relay mode a pool uses.
     pub fn relay_for(&self, pool: &str) -> RelayMode {
-        self.pools.get(pool).and_then(|p| p.relay).unwrap_or(self.relay)
+        self.pools
+            .get(pool)
+            .and_then(|p| p.relay)
+            .unwrap_or(self.relay)
     }
 }
 
 /// RFC 9110 token characters (header names).
 fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 #[cfg(test)]
@@ -526,7 +595,14 @@ mod tests {
         let c = Config::from_json(MINIMAL, Path::new(".")).unwrap();
         let p = &c.pools["chat"];
         assert_eq!(p.balance, Balance::RoundRobin);
-        assert_eq!((p.connect_attempts, p.passive.max_fails, p.passive.fail_timeout_ms), (3, 1, 10_000));
+        assert_eq!(
+            (
+                p.connect_attempts,
+                p.passive.max_fails,
+                p.passive.fail_timeout_ms
+            ),
+            (3, 1, 10_000)
+        );
         assert_eq!(p.backends[0].weight, 1);
         assert_eq!(c.timeouts, Timeouts::default());
         assert_eq!(c.timeouts.idle_ms, 300_000);
@@ -542,17 +618,25 @@ mod tests {
         assert!(err(&bad_addr).starts_with(
             "config error: pools.chat.backends[0].address: invalid socket address \"127.0.0.1:80x0\""
         ));
-        assert!(err(&MINIMAL.replace("\"pool\":\"chat\"", "\"pool\":\"nope\"")).starts_with(
-            "config error: listeners[0].routes[0].pool: no pool named \"nope\""
-        ));
-        assert!(err(&MINIMAL.replace("\"backends\":[{\"address\":\"127.0.0.1:8010\"}]", "\"backends\":[]"))
-            .starts_with("config error: pools.chat.backends: at least one backend"));
+        assert!(
+            err(&MINIMAL.replace("\"pool\":\"chat\"", "\"pool\":\"nope\""))
+                .starts_with("config error: listeners[0].routes[0].pool: no pool named \"nope\"")
+        );
+        assert!(err(&MINIMAL.replace(
+            "\"backends\":[{\"address\":\"127.0.0.1:8010\"}]",
+            "\"backends\":[]"
+        ))
+        .starts_with("config error: pools.chat.backends: at least one backend"));
         assert!(err(&MINIMAL.replace("8010\"}", "8010\",\"weight\":0}"))
             .starts_with("config error: pools.chat.backends[0].weight:"));
-        assert!(err(&MINIMAL.replace("\"backends\"", "\"balance\":\"fastest\",\"backends\""))
-            .starts_with("config error: pools.chat.balance: unknown variant `fastest`"));
-        assert!(err(&MINIMAL.replace("\"backends\"", "\"balanse\":\"ip_hash\",\"backends\""))
-            .contains("unknown field `balanse`"));
+        assert!(
+            err(&MINIMAL.replace("\"backends\"", "\"balance\":\"fastest\",\"backends\""))
+                .starts_with("config error: pools.chat.balance: unknown variant `fastest`")
+        );
+        assert!(
+            err(&MINIMAL.replace("\"backends\"", "\"balanse\":\"ip_hash\",\"backends\""))
+                .contains("unknown field `balanse`")
+        );
         assert!(err(&format!("{MINIMAL} x")).starts_with("config error: trailing characters"));
     }
 
@@ -568,11 +652,20 @@ mod tests {
 
     #[test]
     fn routes_and_origins() {
-        let host_port = MINIMAL.replace("\"pool\":\"chat\"", "\"pool\":\"chat\",\"host\":\"localhost:8020\"");
+        let host_port = MINIMAL.replace(
+            "\"pool\":\"chat\"",
+            "\"pool\":\"chat\",\"host\":\"localhost:8020\"",
+        );
         assert!(err(&host_port).starts_with("config error: listeners[0].routes[0].host:"));
-        let origin = MINIMAL.replace("\"pools\"", "\"allowed_origins\":[\"HTTP://Localhost:8020\"],\"pools\"");
+        let origin = MINIMAL.replace(
+            "\"pools\"",
+            "\"allowed_origins\":[\"HTTP://Localhost:8020\"],\"pools\"",
+        );
         assert!(Config::from_json(&origin, Path::new(".")).is_ok());
-        let origin = MINIMAL.replace("\"pools\"", "\"allowed_origins\":[\"http://h/path\"],\"pools\"");
+        let origin = MINIMAL.replace(
+            "\"pools\"",
+            "\"allowed_origins\":[\"http://h/path\"],\"pools\"",
+        );
         assert!(err(&origin).starts_with("config error: allowed_origins[0]:"));
     }
 }

@@ -69,7 +69,8 @@ impl RequestHead {
     }
 
     pub fn is_upgrade(&self) -> bool {
-        self.header_has_token("upgrade", "websocket") && self.header_has_token("connection", "upgrade")
+        self.header_has_token("upgrade", "websocket")
+            && self.header_has_token("connection", "upgrade")
     }
 }
 
@@ -100,7 +101,11 @@ pub async fn read_head<S: AsyncRead + Unpin>(
                         method: req.method.unwrap_or_default().to_string(),
                         target: req.path.unwrap_or_default().to_string(),
                         minor_version: req.version.unwrap_or(0),
-                        headers: req.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect(),
+                        headers: req
+                            .headers
+                            .iter()
+                            .map(|h| (h.name.to_string(), h.value.to_vec()))
+                            .collect(),
                     };
                     return Ok((head, len));
                 }
@@ -134,8 +139,14 @@ pub fn check_upgrade(head: &RequestHead) -> Result<(), UpgradeProblem> {
     if !head.is_upgrade() {
         return Err(UpgradeProblem::NotUpgrade);
     }
-    let key_ok = head.header("sec-websocket-key").is_some_and(|k| k.len() == 24);
-    if head.method != "GET" || head.minor_version != 1 || !key_ok || head.header("sec-websocket-version") != Some("13") {
+    let key_ok = head
+        .header("sec-websocket-key")
+        .is_some_and(|k| k.len() == 24);
+    if head.method != "GET"
+        || head.minor_version != 1
+        || !key_ok
+        || head.header("sec-websocket-version") != Some("13")
+    {
         return Err(UpgradeProblem::Malformed);
     }
     Ok(())
@@ -175,7 +186,11 @@ pub fn upstream_request(
     let mut b = http::Request::builder()
         .method("GET")
         // tungstenite wants an absolute ws:// URI; only its path and query go on the wire.
-        .uri(format!("{}://{authority}{}", if upstream_tls { "wss" } else { "ws" }, head.target))
+        .uri(format!(
+            "{}://{authority}{}",
+            if upstream_tls { "wss" } else { "ws" },
+            head.target
+        ))
         .header("Host", host.as_str())
         .header("Connection", "Upgrade")
         .header("Upgrade", "websocket")
@@ -183,13 +198,20 @@ pub fn upstream_request(
         .header("Sec-WebSocket-Key", generate_key());
     // Headers the client's Connection header names are hop-by-hop too.
     let connection_named = |name: &str| head.header_has_token("connection", name);
-    let forwarded_names = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"];
+    let forwarded_names = [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+    ];
     let mut xff: Option<String> = None;
     for (name, value) in &head.headers {
         let lname = name.to_ascii_lowercase();
         let pass_ext = pass_extensions && lname == "sec-websocket-extensions";
         let protocol = lname == "sec-websocket-protocol";
-        if (is_reserved_upstream_header(&lname) && !pass_ext && !protocol) || connection_named(&lname) {
+        if (is_reserved_upstream_header(&lname) && !pass_ext && !protocol)
+            || connection_named(&lname)
+        {
             continue;
         }
         if cfg.forwarded && forwarded_names.contains(&lname.as_str()) {
@@ -227,7 +249,11 @@ pub fn upstream_request(
 
 /// The 101 answer to the client: our own accept key, and the backend's chosen subprotocol and
 /// end-to-end headers (e.g. `Set-Cookie`).
-pub fn switching_protocols(client_key: &str, backend: &http::Response<Option<Vec<u8>>>, pass_extensions: bool) -> Vec<u8> {
+pub fn switching_protocols(
+    client_key: &str,
+    backend: &http::Response<Option<Vec<u8>>>,
+    pass_extensions: bool,
+) -> Vec<u8> {
     let mut out = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
         derive_accept_key(client_key.as_bytes())
@@ -236,7 +262,10 @@ pub fn switching_protocols(client_key: &str, backend: &http::Response<Option<Vec
     for (name, value) in backend.headers() {
         let n = name.as_str();
         let pass_ext = pass_extensions && n == "sec-websocket-extensions";
-        if (is_reserved_upstream_header(n) && n != "sec-websocket-protocol" && !pass_ext) || n == "date" || n == "server" {
+        if (is_reserved_upstream_header(n) && n != "sec-websocket-protocol" && !pass_ext)
+            || n == "date"
+            || n == "server"
+        {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -258,7 +287,13 @@ pub fn simple_response(status: u16, extra_headers: &[(&str, &str)], body: &[u8])
     for (k, v) in extra_headers {
         out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
     }
-    out.extend_from_slice(format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(
+        format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
     out.extend_from_slice(body);
     out
 }
@@ -266,13 +301,28 @@ pub fn simple_response(status: u16, extra_headers: &[(&str, &str)], body: &[u8])
 /// The response for a gateway-made refusal (SPEC §3).
 pub fn refusal(status: u16) -> Vec<u8> {
     let (extra, body): (&[(&str, &str)], &str) = match status {
-        400 => (&[("Sec-WebSocket-Version", "13"), ("Content-Type", "text/plain")], "bad websocket upgrade request\n"),
+        400 => (
+            &[
+                ("Sec-WebSocket-Version", "13"),
+                ("Content-Type", "text/plain"),
+            ],
+            "bad websocket upgrade request\n",
+        ),
         403 => (&[("Content-Type", "text/plain")], "origin not allowed\n"),
         404 => (&[("Content-Type", "text/plain")], "no route\n"),
-        426 => (&[("Upgrade", "websocket"), ("Content-Type", "text/plain")], "websocket upgrade required\n"),
-        431 => (&[("Content-Type", "text/plain")], "request head too large\n"),
+        426 => (
+            &[("Upgrade", "websocket"), ("Content-Type", "text/plain")],
+            "websocket upgrade required\n",
+        ),
+        431 => (
+            &[("Content-Type", "text/plain")],
+            "request head too large\n",
+        ),
         502 => (&[("Content-Type", "text/plain")], "no backend available\n"),
-        503 => (&[("Content-Type", "text/plain"), ("Retry-After", "1")], "over session limit\n"),
+        503 => (
+            &[("Content-Type", "text/plain"), ("Retry-After", "1")],
+            "over session limit\n",
+        ),
         _ => (&[("Content-Type", "text/plain")], "internal error\n"),
     };
     simple_response(status, extra, body.as_bytes())
@@ -311,7 +361,10 @@ mod tests {
             method: "GET".into(),
             target: "/chat?room=1".into(),
             minor_version: 1,
-            headers: headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
         }
     }
 
@@ -330,7 +383,10 @@ mod tests {
         assert_eq!(check_upgrade(&head(&h)), Ok(()));
         h[3] = ("Sec-WebSocket-Version", "8");
         assert_eq!(check_upgrade(&head(&h)), Err(UpgradeProblem::Malformed));
-        assert_eq!(check_upgrade(&head(&[("Host", "x")])), Err(UpgradeProblem::NotUpgrade));
+        assert_eq!(
+            check_upgrade(&head(&[("Host", "x")])),
+            Err(UpgradeProblem::NotUpgrade)
+        );
     }
 
     #[test]
@@ -356,10 +412,23 @@ mod tests {
             ("Connection", "X-Drop"),
             ("X-Gateway", "client-value"),
         ]);
-        let cfg = HeadersConfig { forwarded: true, set: BTreeMap::from([("X-Gateway".to_string(), "wsgate".to_string())]) };
-        let client = ClientInfo { ip: "127.0.0.9".parse().unwrap(), tls: false };
-        let req = upstream_request(&head(&h), "127.0.0.1:8010", client, &cfg, false, false).unwrap();
-        let hv = |n: &str| req.headers().get_all(n).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>();
+        let cfg = HeadersConfig {
+            forwarded: true,
+            set: BTreeMap::from([("X-Gateway".to_string(), "wsgate".to_string())]),
+        };
+        let client = ClientInfo {
+            ip: "127.0.0.9".parse().unwrap(),
+            tls: false,
+        };
+        let req =
+            upstream_request(&head(&h), "127.0.0.1:8010", client, &cfg, false, false).unwrap();
+        let hv = |n: &str| {
+            req.headers()
+                .get_all(n)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(req.uri().path_and_query().unwrap(), "/chat?room=1");
         assert_eq!(hv("host"), ["gw.example:8020"]);
         assert_eq!(hv("x-forwarded-for"), ["10.0.0.1, 127.0.0.9"]);
@@ -375,7 +444,10 @@ mod tests {
         assert_eq!(hv("connection"), ["Upgrade"]);
         assert_ne!(hv("sec-websocket-key"), ["dGhlIHNhbXBsZSBub25jZQ=="]);
         let tunnel = upstream_request(&head(&h), "b", client, &cfg, true, false).unwrap();
-        assert_eq!(tunnel.headers().get("sec-websocket-extensions").unwrap(), "permessage-deflate");
+        assert_eq!(
+            tunnel.headers().get("sec-websocket-extensions").unwrap(),
+            "permessage-deflate"
+        );
     }
 
     #[test]
@@ -386,6 +458,9 @@ mod tests {
         assert_eq!(h.target, "/x");
         assert_eq!(&buf[len..], b"\x81\x00");
         let mut buf = Vec::new();
-        assert!(matches!(async_std::task::block_on(read_head(&mut &b"GET /x HT"[..], &mut buf)), Err(HeadError::Eof)));
+        assert!(matches!(
+            async_std::task::block_on(read_head(&mut &b"GET /x HT"[..], &mut buf)),
+            Err(HeadError::Eof)
+        ));
     }
 }

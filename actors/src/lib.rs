@@ -5,6 +5,7 @@
 pub mod balance;
 pub mod config;
 pub mod handshake;
+pub mod health_checker;
 pub mod listener;
 pub mod messages;
 pub mod metrics;
@@ -46,7 +47,9 @@ pub async fn start(config: Config) -> Result<Gateway, String> {
         let socket = rt::TcpListener::bind(l.bind)
             .await
             .map_err(|e| format!("listener {name}: cannot bind {}: {e}", l.bind))?;
-        let local = socket.local_addr().map_err(|e| format!("listener {name}: {e}"))?;
+        let local = socket
+            .local_addr()
+            .map_err(|e| format!("listener {name}: {e}"))?;
         log::info!("listener {name} listening on {local}");
         listen_addrs.push(local);
         sockets.push(Arc::new(socket));
@@ -55,7 +58,11 @@ pub async fn start(config: Config) -> Result<Gateway, String> {
         .start()
         .await
         .map_err(|e| format!("supervisor did not start: {e}"))?;
-    Ok(Gateway { supervisor, shared, listen_addrs })
+    Ok(Gateway {
+        supervisor,
+        shared,
+        listen_addrs,
+    })
 }
 
 impl Gateway {
@@ -64,9 +71,15 @@ impl Gateway {
     pub async fn shutdown(&self, drain: Duration) -> u64 {
         let _ = self.supervisor.call(messages::StopAccepting).await;
         self.shared.draining.store(true, Relaxed);
-        let going_away = || relay::Control::Close { code: 1001, reason: "going away" };
+        let going_away = || relay::Control::Close {
+            code: 1001,
+            reason: "going away",
+        };
         let n = self.shared.broadcast(going_away);
-        log::info!("shutdown: closing {n} sessions with 1001 (drain_ms {})", drain.as_millis());
+        log::info!(
+            "shutdown: closing {n} sessions with 1001 (drain_ms {})",
+            drain.as_millis()
+        );
         let deadline = Instant::now() + drain;
         loop {
             let live = self.shared.metrics.sessions_active.load(Relaxed);

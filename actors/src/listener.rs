@@ -24,7 +24,12 @@ pub struct Listener {
 
 impl Listener {
     pub fn new(index: usize, socket: Arc<TcpListener>, shared: Arc<Shared>) -> Listener {
-        Listener { index, socket, shared, accept_loop: None }
+        Listener {
+            index,
+            socket,
+            shared,
+            accept_loop: None,
+        }
     }
 }
 
@@ -42,7 +47,11 @@ impl Actor for Listener {
     async fn started(&mut self, _ctx: &mut Context<Self>) -> xactor::Result<()> {
         let (handle, reg) = AbortHandle::new_pair();
         self.accept_loop = Some(handle);
-        let (socket, shared, index) = (Arc::clone(&self.socket), Arc::clone(&self.shared), self.index);
+        let (socket, shared, index) = (
+            Arc::clone(&self.socket),
+            Arc::clone(&self.shared),
+            self.index,
+        );
         rt::spawn(Abortable::new(accept_loop(socket, shared, index), reg));
         Ok(())
     }
@@ -61,7 +70,12 @@ async fn accept_loop(socket: Arc<TcpListener>, shared: Arc<Shared>, index: usize
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let id = NEXT_SESSION.fetch_add(1, Relaxed);
-                let start = SessionStart { stream, peer, listener: index, shared: Arc::clone(&shared) };
+                let start = SessionStart {
+                    stream,
+                    peer,
+                    listener: index,
+                    shared: Arc::clone(&shared),
+                };
                 if let Err(e) = xactor::Actor::start(Session::new(id, start)).await {
                     log::warn!("{name}: session#{id} did not start: {e}");
                 }
@@ -78,6 +92,9 @@ async fn accept_loop(socket: Arc<TcpListener>, shared: Arc<Shared>, index: usize
 #[async_trait::async_trait]
 impl Handler<Fault> for Listener {
     async fn handle(&mut self, _ctx: &mut Context<Self>, _msg: Fault) {
-        panic!("fault injection: listener {} crashes", self.shared.listeners[self.index].name);
+        panic!(
+            "fault injection: listener {} crashes",
+            self.shared.listeners[self.index].name
+        );
     }
 }

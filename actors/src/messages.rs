@@ -135,3 +135,14 @@ pub struct Revive {
 #[message]
 #[derive(Debug)]
 pub struct StopAccepting;
+
+// ---- health checker -> pool ----
+
+/// An active-check transition of one backend (by index in the pool).
+#[message]
+#[derive(Debug)]
+pub struct HealthReport {
+    pub backend: usize,
+    pub up: bool,
+    pub cause: String,
+}

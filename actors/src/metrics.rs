@@ -73,22 +73,79 @@ impl Metrics {
     /// The process-wide series; per-backend series are appended by the caller.
     pub fn render(&self, out: &mut String) {
         let g = |out: &mut String, name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
         };
-        g(out, "wsgate_sessions_active", "Live client sessions.", "gauge", self.sessions_active.load(Relaxed));
-        g(out, "wsgate_sessions_total", "Sessions established since start.", "counter", self.sessions_total.load(Relaxed));
+        g(
+            out,
+            "wsgate_sessions_active",
+            "Live client sessions.",
+            "gauge",
+            self.sessions_active.load(Relaxed),
+        );
+        g(
+            out,
+            "wsgate_sessions_total",
+            "Sessions established since start.",
+            "counter",
+            self.sessions_total.load(Relaxed),
+        );
         let _ = writeln!(out, "# HELP wsgate_messages_total WebSocket messages relayed.\n# TYPE wsgate_messages_total counter");
-        let _ = writeln!(out, "wsgate_messages_total{{direction=\"client_to_backend\"}} {}", self.messages_c2b.load(Relaxed));
-        let _ = writeln!(out, "wsgate_messages_total{{direction=\"backend_to_client\"}} {}", self.messages_b2c.load(Relaxed));
-        let _ = writeln!(out, "# HELP wsgate_bytes_total Payload bytes relayed.\n# TYPE wsgate_bytes_total counter");
-        let _ = writeln!(out, "wsgate_bytes_total{{direction=\"client_to_backend\"}} {}", self.bytes_c2b.load(Relaxed));
-        let _ = writeln!(out, "wsgate_bytes_total{{direction=\"backend_to_client\"}} {}", self.bytes_b2c.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "wsgate_messages_total{{direction=\"client_to_backend\"}} {}",
+            self.messages_c2b.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "wsgate_messages_total{{direction=\"backend_to_client\"}} {}",
+            self.messages_b2c.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP wsgate_bytes_total Payload bytes relayed.\n# TYPE wsgate_bytes_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "wsgate_bytes_total{{direction=\"client_to_backend\"}} {}",
+            self.bytes_c2b.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "wsgate_bytes_total{{direction=\"backend_to_client\"}} {}",
+            self.bytes_b2c.load(Relaxed)
+        );
         let _ = writeln!(out, "# HELP wsgate_handshake_failures_total Upgrades that did not become sessions.\n# TYPE wsgate_handshake_failures_total counter");
         for why in HandshakeFailure::ALL {
-            let _ = writeln!(out, "wsgate_handshake_failures_total{{reason=\"{}\"}} {}", why.label(), self.handshake_failures(why));
+            let _ = writeln!(
+                out,
+                "wsgate_handshake_failures_total{{reason=\"{}\"}} {}",
+                why.label(),
+                self.handshake_failures(why)
+            );
         }
-        g(out, "wsgate_failovers_total", "Live sessions moved to another backend.", "counter", self.failovers_total.load(Relaxed));
-        g(out, "wsgate_actor_restarts_total", "Actors restarted by the supervisor.", "counter", self.actor_restarts_total.load(Relaxed));
-        g(out, "wsgate_session_panics_total", "Sessions ended by a caught panic (close 1011).", "counter", self.session_panics_total.load(Relaxed));
+        g(
+            out,
+            "wsgate_failovers_total",
+            "Live sessions moved to another backend.",
+            "counter",
+            self.failovers_total.load(Relaxed),
+        );
+        g(
+            out,
+            "wsgate_actor_restarts_total",
+            "Actors restarted by the supervisor.",
+            "counter",
+            self.actor_restarts_total.load(Relaxed),
+        );
+        g(
+            out,
+            "wsgate_session_panics_total",
+            "Sessions ended by a caught panic (close 1011).",
+            "counter",
+            self.session_panics_total.load(Relaxed),
+        );
     }
 }

@@ -10,7 +10,8 @@
 use crate::balance::{BackendView, Balancer};
 use crate::config::PoolConfig;
 use crate::messages::{
-    trace, BackendFailed, BackendLost, Fault, PickBackends, Picked, PoolName, Revive, SessionId,
+    trace, BackendFailed, BackendLost, Fault, HealthReport, PickBackends, Picked, PoolName, Revive,
+    SessionId,
 };
 use crate::metrics::Metrics;
 use crate::session::Session;
@@ -32,7 +33,14 @@ pub struct BackendState {
 
 impl std::fmt::Debug for BackendState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (weight {}, {} live, {})", self.addr, self.weight, self.active(), if self.is_up() { "up" } else { "down" })
+        write!(
+            f,
+            "{} (weight {}, {} live, {})",
+            self.addr,
+            self.weight,
+            self.active(),
+            if self.is_up() { "up" } else { "down" }
+        )
     }
 }
 
@@ -58,7 +66,10 @@ impl BackendState {
 
     /// The sessions on this backend now.
     pub fn sessions_snapshot(&self) -> Vec<(SessionId, WeakAddr<Session>)> {
-        self.sessions().iter().map(|(id, a)| (*id, a.clone())).collect()
+        self.sessions()
+            .iter()
+            .map(|(id, a)| (*id, a.clone()))
+            .collect()
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, WeakAddr<Session>>> {
@@ -77,7 +88,10 @@ pub struct Lease {
 impl Lease {
     fn new(backend: Arc<BackendState>) -> Lease {
         backend.active.fetch_add(1, Relaxed);
-        Lease { backend, attached: None }
+        Lease {
+            backend,
+            attached: None,
+        }
     }
 
     pub fn backend(&self) -> &Arc<BackendState> {
@@ -149,7 +163,8 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(shared: Arc<PoolShared>, metrics: Arc<Metrics>) -> Pool {
-        let list: Vec<(SocketAddr, u32)> = shared.backends.iter().map(|b| (b.addr, b.weight)).collect();
+        let list: Vec<(SocketAddr, u32)> =
+            shared.backends.iter().map(|b| (b.addr, b.weight)).collect();
         let n = list.len();
         Pool {
             balancer: Balancer::new(shared.config.balance, &list),
@@ -175,11 +190,18 @@ impl Pool {
             return;
         }
         self.epochs[i] += 1;
-        log::warn!("backend {} in pool {} is DOWN: {cause}", b.addr, self.shared.name);
+        log::warn!(
+            "backend {} in pool {} is DOWN: {cause}",
+            b.addr,
+            self.shared.name
+        );
         if notify {
             for (id, weak) in b.sessions_snapshot() {
                 if let Some(addr) = weak.upgrade() {
-                    let msg = BackendLost { backend: b.addr, reason: cause.to_string() };
+                    let msg = BackendLost {
+                        backend: b.addr,
+                        reason: cause.to_string(),
+                    };
                     trace(&self.name(), &crate::messages::SessionName(id), &msg);
                     let _ = addr.send(msg);
                 }
@@ -187,7 +209,10 @@ impl Pool {
         }
         if self.shared.config.health_check.is_none() {
             // Passive only: try it again after fail_timeout (nginx semantics).
-            let revive = Revive { backend: i, epoch: self.epochs[i] };
+            let revive = Revive {
+                backend: i,
+                epoch: self.epochs[i],
+            };
             trace(&self.name(), &self.name(), &revive);
             ctx.send_later(revive, self.fail_timeout());
         }
@@ -200,7 +225,11 @@ impl Pool {
         }
         self.epochs[i] += 1;
         self.failures[i].clear();
-        log::info!("backend {} in pool {} is UP: {cause}", b.addr, self.shared.name);
+        log::info!(
+            "backend {} in pool {} is UP: {cause}",
+            b.addr,
+            self.shared.name
+        );
     }
 }
 
@@ -211,7 +240,13 @@ impl Actor for Pool {
         if self.shared.config.health_check.is_none() {
             for (i, b) in self.shared.backends.iter().enumerate() {
                 if !b.is_up() {
-                    ctx.send_later(Revive { backend: i, epoch: self.epochs[i] }, self.fail_timeout());
+                    ctx.send_later(
+                        Revive {
+                            backend: i,
+                            epoch: self.epochs[i],
+                        },
+                        self.fail_timeout(),
+                    );
                 }
             }
         }
@@ -235,8 +270,10 @@ impl Handler<PickBackends> for Pool {
             .collect();
         let max = (self.shared.config.connect_attempts as usize).min(views.len());
         let order = self.balancer.order(&views, msg.client_ip, max);
-        let candidates: Vec<Arc<BackendState>> =
-            order.iter().map(|&i| Arc::clone(&self.shared.backends[i])).collect();
+        let candidates: Vec<Arc<BackendState>> = order
+            .iter()
+            .map(|&i| Arc::clone(&self.shared.backends[i]))
+            .collect();
         let lease = candidates.first().map(|b| Lease::new(Arc::clone(b)));
         Picked { candidates, lease }
     }
@@ -246,7 +283,12 @@ impl Handler<PickBackends> for Pool {
 impl Handler<BackendFailed> for Pool {
     async fn handle(&mut self, ctx: &mut Context<Self>, msg: BackendFailed) {
         let passive = self.shared.config.passive;
-        let Some(i) = self.shared.backends.iter().position(|b| b.addr == msg.backend) else {
+        let Some(i) = self
+            .shared
+            .backends
+            .iter()
+            .position(|b| b.addr == msg.backend)
+        else {
             return;
         };
         if passive.max_fails == 0 {
@@ -279,5 +321,20 @@ impl Handler<Revive> for Pool {
 impl Handler<Fault> for Pool {
     async fn handle(&mut self, _ctx: &mut Context<Self>, _msg: Fault) {
         panic!("fault injection: pool {} crashes", self.shared.name);
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler<HealthReport> for Pool {
+    async fn handle(&mut self, ctx: &mut Context<Self>, msg: HealthReport) {
+        if msg.backend >= self.shared.backends.len() {
+            return;
+        }
+        if msg.up {
+            self.mark_up(msg.backend, &msg.cause);
+        } else {
+            // An active verdict: sessions whose socket may hang silently are told at once.
+            self.mark_down(ctx, msg.backend, &msg.cause, true);
+        }
     }
 }

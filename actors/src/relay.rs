@@ -88,6 +88,45 @@ pub struct Timing {
     pub ping_interval: Duration,
 }
 
+/// Everything a relay keeps across a backend swap (`on_backend_loss: reconnect`).
+#[derive(Default)]
+pub struct RelayState {
+    c2b: Dir,
+    b2c: Dir,
+}
+
+impl RelayState {
+    pub fn new(replay_max: usize) -> RelayState {
+        let mut s = RelayState::default();
+        s.c2b.replay_max = replay_max;
+        s
+    }
+
+    /// The client's first messages, to send to a new backend before anything else.
+    pub fn replay(&self) -> &[Message] {
+        &self.c2b.replay
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters {
+            c2b_msgs: self.c2b.msgs,
+            b2c_msgs: self.b2c.msgs,
+            c2b_bytes: self.c2b.bytes,
+            b2c_bytes: self.b2c.bytes,
+        }
+    }
+
+    /// Forgets what belonged to the lost backend; keeps what is owed to the client and the
+    /// client message read but not yet written (it goes to the new backend after the replay).
+    pub fn backend_replaced(&mut self) {
+        self.c2b.urgent = None;
+        self.c2b.unflushed = false;
+        self.c2b.heard = true;
+        self.b2c.heard = true;
+        self.b2c.closed = false;
+    }
+}
+
 /// One direction of the relay: a message waiting for the destination to accept it, and
 /// whether the destination has unflushed writes.
 #[derive(Default)]
@@ -98,6 +137,12 @@ struct Dir {
     /// Any frame arrived from this direction's source since the last keepalive ping.
     heard: bool,
     closed: bool,
+    /// Data messages and payload bytes read from the source.
+    msgs: u64,
+    bytes: u64,
+    /// The first `replay_max` data messages written to the destination (client→backend only).
+    replay: Vec<Message>,
+    replay_max: usize,
 }
 
 enum DirEvent {
@@ -114,8 +159,6 @@ fn poll_dir<S, D>(
     src: &mut WebSocketStream<S>,
     dst: &mut WebSocketStream<D>,
     dir: &mut Dir,
-    msgs: &mut u64,
-    bytes: &mut u64,
     #[allow(unused_variables)] fault: &mut Fault,
 ) -> Poll<DirEvent>
 where
@@ -128,6 +171,11 @@ where
         if let Some(msg) = next {
             match Pin::new(&mut *dst).poll_ready(cx) {
                 Poll::Ready(Ok(())) => {
+                    if dir.replay.len() < dir.replay_max
+                        && matches!(msg, Message::Text(_) | Message::Binary(_))
+                    {
+                        dir.replay.push(msg.clone()); // a refcount bump, for the first few only
+                    }
                     if let Err(e) = Pin::new(&mut *dst).start_send(msg) {
                         return Poll::Ready(DirEvent::WriteFailed(e));
                     }
@@ -162,13 +210,13 @@ where
                 dir.heard = true;
                 match msg {
                     Message::Text(ref t) => {
-                        *msgs += 1;
-                        *bytes += t.len() as u64;
+                        dir.msgs += 1;
+                        dir.bytes += t.len() as u64;
                         dir.pending = Some(msg);
                     }
                     Message::Binary(ref b) => {
-                        *msgs += 1;
-                        *bytes += b.len() as u64;
+                        dir.msgs += 1;
+                        dir.bytes += b.len() as u64;
                         dir.pending = Some(msg);
                     }
                     Message::Ping(_) => dir.pending = Some(msg),
@@ -201,10 +249,14 @@ where
 fn read_failure(side: Side, e: WsError) -> Outcome {
     use async_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
     match e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Outcome::Violation(side, 1009, e.to_string()),
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            Outcome::Violation(side, 1009, e.to_string())
+        }
         WsError::Capacity(_) => Outcome::Violation(side, 1009, e.to_string()),
         WsError::Utf8(_) => Outcome::Violation(side, 1007, e.to_string()),
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Outcome::Gone(side, e.to_string()),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            Outcome::Gone(side, e.to_string())
+        }
         WsError::Protocol(_) => Outcome::Violation(side, 1002, e.to_string()),
         _ => Outcome::Gone(side, e.to_string()),
     }
@@ -239,15 +291,15 @@ impl Fault {
     }
 }
 
-/// Relays until something ends the session. Counters are updated in place (so a caller can
-/// flush them even after a panic) and added to the shared metrics by `on_tick` each tick.
+/// Relays until something ends the session. Counts live in `state` (so a caller can flush
+/// them even after a panic) and are handed to `on_tick` each tick for the shared metrics.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay<C, B>(
     client: &mut WebSocketStream<C>,
     backend: &mut WebSocketStream<B>,
     control: &mut mpsc::UnboundedReceiver<Control>,
     timing: Timing,
-    counters: &mut Counters,
+    state: &mut RelayState,
     fault: &mut Fault,
     mut on_tick: impl FnMut(&Counters),
 ) -> Outcome
@@ -256,10 +308,13 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     // Coarse enough to cost nothing on idle sessions, fine enough for metrics and idle_ms.
-    let tick = timing.ping_interval.min(timing.idle / 8).min(Duration::from_secs(5)).max(Duration::from_millis(5));
+    let tick = timing
+        .ping_interval
+        .min(timing.idle / 8)
+        .min(Duration::from_secs(5))
+        .max(Duration::from_millis(5));
     let mut timer = Timer::after(tick);
-    let mut c2b = Dir::default();
-    let mut b2c = Dir::default();
+    let RelayState { c2b, b2c } = state;
     let start = Instant::now();
     let mut last_data = start;
     let mut data_seen = 0u64;
@@ -272,14 +327,10 @@ where
             Poll::Ready(None) => return Poll::Ready(Outcome::ControlLost),
             Poll::Pending => {}
         }
-        if let Poll::Ready(ev) =
-            poll_dir(cx, client, backend, &mut c2b, &mut counters.c2b_msgs, &mut counters.c2b_bytes, fault)
-        {
+        if let Poll::Ready(ev) = poll_dir(cx, client, backend, c2b, fault) {
             return Poll::Ready(dir_outcome(Side::Client, ev));
         }
-        if let Poll::Ready(ev) =
-            poll_dir(cx, backend, client, &mut b2c, &mut counters.b2c_msgs, &mut counters.b2c_bytes, &mut Fault::default())
-        {
+        if let Poll::Ready(ev) = poll_dir(cx, backend, client, b2c, &mut Fault::default()) {
             return Poll::Ready(dir_outcome(Side::Backend, ev));
         }
         if Pin::new(&mut timer).poll(cx).is_pending() {
@@ -287,8 +338,14 @@ where
         }
         // Tick: idle and keepalive bookkeeping, then re-arm and poll again to register.
         let now = Instant::now();
-        on_tick(counters);
-        let seen = counters.c2b_msgs + counters.b2c_msgs;
+        let counters = Counters {
+            c2b_msgs: c2b.msgs,
+            b2c_msgs: b2c.msgs,
+            c2b_bytes: c2b.bytes,
+            b2c_bytes: b2c.bytes,
+        };
+        on_tick(&counters);
+        let seen = c2b.msgs + b2c.msgs;
         if seen != data_seen {
             data_seen = seen;
             last_data = now;
@@ -319,7 +376,10 @@ where
 
 /// A close frame with a code and reason.
 pub fn close_frame(code: u16, reason: &str) -> CloseFrame {
-    CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() }
+    CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_string().into(),
+    }
 }
 
 /// Sends a close frame (if the socket can still take one) and waits, bounded, for the peer's

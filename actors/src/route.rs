@@ -55,7 +55,11 @@ mod tests {
     use super::*;
 
     fn r(path: &str, host: Option<&str>) -> RouteConfig {
-        RouteConfig { path: path.into(), pool: "p".into(), host: host.map(Into::into) }
+        RouteConfig {
+            path: path.into(),
+            pool: "p".into(),
+            host: host.map(Into::into),
+        }
     }
 
     #[test]
@@ -79,8 +83,14 @@ mod tests {
     #[test]
     fn host_routes() {
         let routes = [r("/ticker", None), r("/ticker", Some("localhost"))];
-        assert_eq!(match_route(&routes, Some("LOCALHOST:8020"), "/ticker"), Some(1));
-        assert_eq!(match_route(&routes, Some("127.0.0.1:8020"), "/ticker"), Some(0));
+        assert_eq!(
+            match_route(&routes, Some("LOCALHOST:8020"), "/ticker"),
+            Some(1)
+        );
+        assert_eq!(
+            match_route(&routes, Some("127.0.0.1:8020"), "/ticker"),
+            Some(0)
+        );
         assert_eq!(match_route(&routes, None, "/ticker"), Some(0));
         let only_host = [r("/a", Some("example.com"))];
         assert_eq!(match_route(&only_host, Some("other.com"), "/a"), None);

@@ -6,15 +6,17 @@
 //! close 1011 (or HTTP 500 before the upgrade), is logged and counted, and leaks nothing:
 //! the session slot and backend lease are released by their drops.
 
-use crate::config::{Config, OnBackendLoss};
+use crate::config::{Config, OnBackendLoss, RelayMode};
 use crate::handshake::{self, ClientInfo, HeadError, RequestHead, UpgradeProblem};
 use crate::messages::{
-    trace, BackendFailed, BackendLost, PickBackends, PoolName, SessionControl, SessionFinished, SessionId,
-    SessionName,
+    trace, BackendFailed, BackendLost, PickBackends, PoolName, SessionControl, SessionFinished,
+    SessionId, SessionName,
 };
 use crate::metrics::HandshakeFailure;
 use crate::pool::{BackendState, Lease};
-use crate::relay::{self, close_frame, Control, Counters, Fault, Outcome, Side, Timing};
+use crate::relay::{
+    self, close_frame, Control, Counters, Fault, Outcome, RelayState, Side, Timing,
+};
 use crate::rt;
 use crate::shared::{SessionSlot, Shared};
 use crate::transport::{self, BackendStream, ClientStream};
@@ -23,6 +25,7 @@ use async_tungstenite::tungstenite::Error as WsError;
 use async_tungstenite::WebSocketStream;
 use futures::channel::mpsc;
 use futures::FutureExt;
+use futures::SinkExt;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering::Relaxed;
@@ -46,7 +49,11 @@ pub struct Session {
 
 impl Session {
     pub fn new(id: SessionId, start: SessionStart) -> Session {
-        Session { id, start: Some(start), control: None }
+        Session {
+            id,
+            start: Some(start),
+            control: None,
+        }
     }
 
     fn forward(&self, c: Control) {
@@ -116,14 +123,23 @@ struct Run {
     route: Option<String>,
     pool: Option<String>,
     backends_used: Vec<SocketAddr>,
-    counters: Counters,
+    /// The client's request, kept to redo the upstream handshake on failover.
+    head: Option<RequestHead>,
+    /// The subprotocol the first backend chose; a failover backend must choose the same.
+    subprotocol: Option<String>,
+    state: RelayState,
     flushed: Counters,
     close: Option<(u16, ClosedBy)>,
     failovers: u32,
     fault: Fault,
 }
 
-async fn run(id: SessionId, me: Addr<Session>, start: SessionStart, mut control: mpsc::UnboundedReceiver<Control>) {
+async fn run(
+    id: SessionId,
+    me: Addr<Session>,
+    start: SessionStart,
+    mut control: mpsc::UnboundedReceiver<Control>,
+) {
     let config = Arc::clone(&start.shared.config);
     let mut s = Run {
         id,
@@ -140,13 +156,17 @@ async fn run(id: SessionId, me: Addr<Session>, start: SessionStart, mut control:
         route: None,
         pool: None,
         backends_used: Vec::new(),
-        counters: Counters::default(),
+        head: None,
+        subprotocol: None,
+        state: RelayState::default(),
         flushed: Counters::default(),
         close: None,
         failovers: 0,
         fault: Fault::default(),
     };
-    let outcome = AssertUnwindSafe(s.session(&me, &mut control)).catch_unwind().await;
+    let outcome = AssertUnwindSafe(s.session(&me, &mut control))
+        .catch_unwind()
+        .await;
     if let Err(panic) = outcome {
         let what = panic
             .downcast_ref::<&str>()
@@ -164,31 +184,50 @@ async fn run(id: SessionId, me: Addr<Session>, start: SessionStart, mut control:
 }
 
 impl Run {
-    async fn session(&mut self, me: &Addr<Session>, control: &mut mpsc::UnboundedReceiver<Control>) {
+    async fn session(
+        &mut self,
+        me: &Addr<Session>,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) {
         if self.handshake(me).await {
-            self.relay(control).await;
+            self.relay(me, control).await;
         }
     }
 
     /// Reads and checks the upgrade, dials a backend, answers 101. `false`: the client was
     /// answered with a refusal (or is gone) and the session is over.
     async fn handshake(&mut self, me: &Addr<Session>) -> bool {
-        let Some(raw) = self.raw.as_mut() else { return false };
+        let Some(raw) = self.raw.as_mut() else {
+            return false;
+        };
         let timeouts = self.config.timeouts;
         let mut buf = Vec::with_capacity(1024);
-        let (head, head_len) = match rt::timeout(timeouts.handshake(), handshake::read_head(raw, &mut buf)).await {
-            Ok(Ok(h)) => h,
-            Ok(Err(HeadError::TooLarge)) => return self.refuse(431, HandshakeFailure::BadRequest).await,
-            Ok(Err(HeadError::Malformed)) => return self.refuse(400, HandshakeFailure::BadRequest).await,
-            Ok(Err(HeadError::Eof | HeadError::Io(_))) => return false,
-            Err(_) => {
-                log::debug!("session#{} {}: no complete request within handshake_ms", self.id, self.peer);
-                self.shared.metrics.handshake_failed(HandshakeFailure::Timeout);
-                return false;
-            }
-        };
+        let (head, head_len) =
+            match rt::timeout(timeouts.handshake(), handshake::read_head(raw, &mut buf)).await {
+                Ok(Ok(h)) => h,
+                Ok(Err(HeadError::TooLarge)) => {
+                    return self.refuse(431, HandshakeFailure::BadRequest).await
+                }
+                Ok(Err(HeadError::Malformed)) => {
+                    return self.refuse(400, HandshakeFailure::BadRequest).await
+                }
+                Ok(Err(HeadError::Eof | HeadError::Io(_))) => return false,
+                Err(_) => {
+                    log::debug!(
+                        "session#{} {}: no complete request within handshake_ms",
+                        self.id,
+                        self.peer
+                    );
+                    self.shared
+                        .metrics
+                        .handshake_failed(HandshakeFailure::Timeout);
+                    return false;
+                }
+            };
         let listener = &self.config.listeners[self.listener];
-        let Some(ri) = crate::route::match_route(&listener.routes, head.header("host"), &head.target) else {
+        let Some(ri) =
+            crate::route::match_route(&listener.routes, head.header("host"), &head.target)
+        else {
             return self.refuse(404, HandshakeFailure::NoRoute).await;
         };
         let route = listener.routes[ri].clone();
@@ -196,8 +235,12 @@ impl Run {
         self.pool = Some(route.pool.clone());
         match handshake::check_upgrade(&head) {
             Ok(()) => {}
-            Err(UpgradeProblem::NotUpgrade) => return self.refuse(426, HandshakeFailure::NotUpgrade).await,
-            Err(UpgradeProblem::Malformed) => return self.refuse(400, HandshakeFailure::BadRequest).await,
+            Err(UpgradeProblem::NotUpgrade) => {
+                return self.refuse(426, HandshakeFailure::NotUpgrade).await
+            }
+            Err(UpgradeProblem::Malformed) => {
+                return self.refuse(400, HandshakeFailure::BadRequest).await
+            }
         }
         if !handshake::origin_allowed(&self.config.allowed_origins, head.header("origin")) {
             return self.refuse(403, HandshakeFailure::Origin).await;
@@ -216,9 +259,22 @@ impl Run {
         let Some((backend, response)) = self.connect(&route.pool, &head).await else {
             return false;
         };
+        self.subprotocol = response
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let replay = self
+            .config
+            .pools
+            .get(&route.pool)
+            .map_or(0, |p| p.replay_first_messages as usize);
+        self.state = RelayState::new(replay);
         let key = head.header("sec-websocket-key").unwrap_or_default();
         let answer = handshake::switching_protocols(key, &response, false);
-        let Some(mut raw) = self.raw.take() else { return false };
+        let Some(mut raw) = self.raw.take() else {
+            return false;
+        };
         if handshake::write_all(&mut raw, &answer).await.is_err() {
             self.close = Some((1006, ClosedBy::Client));
             self.backend = Some(backend);
@@ -227,7 +283,9 @@ impl Run {
         let limits = self.config.limits;
         let cfg = relay::ws_config(limits.max_message_bytes, limits.max_frame_bytes);
         let leftover = buf.split_off(head_len);
-        self.client = Some(WebSocketStream::from_partially_read(raw, leftover, Role::Server, Some(cfg)).await);
+        self.client = Some(
+            WebSocketStream::from_partially_read(raw, leftover, Role::Server, Some(cfg)).await,
+        );
         self.backend = Some(backend);
         if let Some(lease) = self.lease.as_mut() {
             lease.attach(self.id, me.downgrade());
@@ -235,10 +293,14 @@ impl Run {
         self.shared.metrics.sessions_total.fetch_add(1, Relaxed);
         if self.shared.draining.load(Relaxed) {
             // Shutting down: this session missed the broadcast; end it the same way.
-            let _ = me.send(SessionControl(Control::Close { code: 1001, reason: "going away" }));
+            let _ = me.send(SessionControl(Control::Close {
+                code: 1001,
+                reason: "going away",
+            }));
         }
         #[cfg(feature = "fault-injection")]
         self.inject(fault.as_deref(), &route.pool);
+        self.head = Some(head);
         true
     }
 
@@ -252,10 +314,20 @@ impl Run {
                     let _ = addr.send(crate::messages::Fault);
                 }
             }
+            Some("crash-health-checker") => {
+                if let Some(addr) = self.shared.health_checker.get() {
+                    trace(&me, &"health_checker", &crate::messages::Fault);
+                    let _ = addr.send(crate::messages::Fault);
+                }
+            }
             Some("crash-listener") => {
                 let l = &self.shared.listeners[self.listener];
                 if let Some(addr) = l.addr.get() {
-                    trace(&me, &crate::messages::ListenerName(&l.name), &crate::messages::Fault);
+                    trace(
+                        &me,
+                        &crate::messages::ListenerName(&l.name),
+                        &crate::messages::Fault,
+                    );
                     let _ = addr.send(crate::messages::Fault);
                 }
             }
@@ -263,92 +335,230 @@ impl Run {
         }
     }
 
-    /// Walks the pool's candidates until one accepts the upgrade. Failures are reported to the
-    /// pool (passive health) and cost the client nothing while another backend answers.
+    /// The handshake's backend: a dial walk whose failures become the client's answer.
     async fn connect(
         &mut self,
         pool_name: &str,
         head: &RequestHead,
-    ) -> Option<(BackendWs, async_tungstenite::tungstenite::handshake::client::Response)> {
-        let Some(pool) = self.shared.pools.get(pool_name) else {
-            self.refuse(502, HandshakeFailure::NoBackend).await;
-            return None;
+    ) -> Option<(BackendWs, Response)> {
+        match self.dial_walk(pool_name, head, Vec::new()).await {
+            Ok(ok) => Some(ok),
+            Err(Walk::Refused(resp)) => {
+                // The application's own verdict (401, 403, 404…): pass it on, no retry.
+                self.shared
+                    .metrics
+                    .handshake_failed(HandshakeFailure::BackendRefused);
+                let bytes = handshake::passthrough_response(&resp);
+                self.answer(&bytes, resp.status().as_u16()).await;
+                None
+            }
+            Err(Walk::NoBackend) => {
+                self.refuse(502, HandshakeFailure::NoBackend).await;
+                None
+            }
+            Err(Walk::BadRequest) => {
+                self.refuse(400, HandshakeFailure::BadRequest).await;
+                None
+            }
+        }
+    }
+
+    /// Asks the pool for candidates and walks them until one accepts the upgrade. Failures
+    /// are reported to the pool (passive health) and cost the client nothing while another
+    /// backend answers. The session's lease follows the backend being tried.
+    async fn dial_walk(
+        &mut self,
+        pool_name: &str,
+        head: &RequestHead,
+        exclude: Vec<SocketAddr>,
+    ) -> Result<(BackendWs, Response), Walk> {
+        let Some(addr) = self.shared.pools.get(pool_name).and_then(|p| p.addr.get()) else {
+            log::warn!("session#{}: pool {pool_name} is restarting", self.id);
+            return Err(Walk::NoBackend);
         };
-        let Some(addr) = pool.addr.get() else {
-            self.refuse(502, HandshakeFailure::NoBackend).await;
-            return None;
+        let pick = PickBackends {
+            session: self.id,
+            client_ip: self.peer.ip(),
+            exclude,
         };
-        let pick = PickBackends { session: self.id, client_ip: self.peer.ip(), exclude: Vec::new() };
         let me = SessionName(self.id);
         trace(&me, &PoolName(pool_name), &pick);
         let picked = match addr.call(pick).await {
             Ok(p) => p,
             Err(e) => {
                 log::warn!("session#{}: pool {pool_name} did not answer: {e}", self.id);
-                self.refuse(502, HandshakeFailure::NoBackend).await;
-                return None;
+                return Err(Walk::NoBackend);
             }
         };
-        self.lease = picked.lease;
         let timeouts = self.config.timeouts;
         let limits = self.config.limits;
         let cfg = relay::ws_config(limits.max_message_bytes, limits.max_frame_bytes);
-        let client = ClientInfo { ip: self.peer.ip(), tls: false };
+        let client = ClientInfo {
+            ip: self.peer.ip(),
+            tls: false,
+        };
+        let mut lease = picked.lease;
         for (k, b) in picked.candidates.iter().enumerate() {
             if k > 0 {
-                if let Some(lease) = self.lease.as_mut() {
+                if let Some(lease) = lease.as_mut() {
                     lease.switch_to(Arc::clone(b));
                 }
             }
             self.backends_used.push(b.addr);
-            let req = match handshake::upstream_request(head, &b.addr.to_string(), client, &self.config.headers, false, false) {
-                Ok(r) => r,
-                Err(e) => {
-                    log::debug!("session#{}: unusable request header: {e}", self.id);
-                    self.refuse(400, HandshakeFailure::BadRequest).await;
-                    return None;
-                }
+            let authority = b.addr.to_string();
+            let Ok(req) = handshake::upstream_request(
+                head,
+                &authority,
+                client,
+                &self.config.headers,
+                false,
+                false,
+            ) else {
+                return Err(Walk::BadRequest);
             };
             match dial(b, req, cfg, timeouts.connect()).await {
-                Ok(ok) => return Some(ok),
+                Ok(ok) => {
+                    self.lease = lease;
+                    return Ok(ok);
+                }
                 Err(DialError::Refused(resp)) => {
-                    // The application's own verdict (401, 403, 404…): pass it on, no retry.
                     log::info!(
                         "session#{} backend {} refused the upgrade with {}",
                         self.id,
                         b.addr,
                         resp.status().as_u16()
                     );
-                    self.shared.metrics.handshake_failed(HandshakeFailure::BackendRefused);
-                    let bytes = handshake::passthrough_response(&resp);
-                    self.answer(&bytes, resp.status().as_u16()).await;
-                    return None;
+                    return Err(Walk::Refused(resp));
                 }
                 Err(DialError::Failed(reason)) => {
-                    log::info!("session#{} backend {} in pool {pool_name} failed: {reason}", self.id, b.addr);
-                    let failed = BackendFailed { session: self.id, backend: b.addr, reason };
+                    log::info!(
+                        "session#{} backend {} in pool {pool_name} failed: {reason}",
+                        self.id,
+                        b.addr
+                    );
+                    let failed = BackendFailed {
+                        session: self.id,
+                        backend: b.addr,
+                        reason,
+                    };
                     trace(&me, &PoolName(pool_name), &failed);
                     let _ = addr.send(failed);
                 }
             }
         }
-        self.lease = None;
-        self.refuse(502, HandshakeFailure::NoBackend).await;
-        None
+        Err(Walk::NoBackend)
     }
 
-    /// Relays until the session ends, then runs the closing handshake the outcome calls for.
-    async fn relay(&mut self, control: &mut mpsc::UnboundedReceiver<Control>) {
-        let (Some(client), Some(backend)) = (self.client.as_mut(), self.backend.as_mut()) else { return };
+    /// `on_backend_loss: reconnect`: dial another healthy backend with the original request,
+    /// insist on the same subprotocol, replay the client's first messages. While this runs
+    /// the client's socket is not read: its messages wait in order in the kernel's buffer
+    /// (TCP flow control pushes back), and are relayed after the replay.
+    async fn reconnect(&mut self, me: &Addr<Session>) -> Result<(), String> {
+        let (Some(pool), Some(head)) = (self.pool.clone(), self.head.take()) else {
+            return Err("no request to replay".into());
+        };
+        let lost = self.backends_used.last().copied();
+        let result = self
+            .dial_walk(&pool, &head, lost.into_iter().collect())
+            .await;
+        self.head = Some(head);
+        let (mut backend, response) = match result {
+            Ok(ok) => ok,
+            Err(Walk::Refused(resp)) => {
+                return Err(format!(
+                    "new backend refused the upgrade with {}",
+                    resp.status()
+                ))
+            }
+            Err(Walk::NoBackend | Walk::BadRequest) => {
+                return Err("no healthy backend took the session".into())
+            }
+        };
+        let chosen = response
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok());
+        if chosen != self.subprotocol.as_deref() {
+            return Err(format!(
+                "new backend chose subprotocol {chosen:?}, the session has {:?}",
+                self.subprotocol
+            ));
+        }
+        for m in self.state.replay() {
+            backend
+                .feed(m.clone())
+                .await
+                .map_err(|e| format!("replay: {e}"))?;
+        }
+        backend.flush().await.map_err(|e| format!("replay: {e}"))?;
+        if let Some(lease) = self.lease.as_mut() {
+            lease.attach(self.id, me.downgrade());
+        }
+        self.state.backend_replaced();
+        self.backend = Some(backend);
+        self.failovers += 1;
+        self.shared.metrics.failovers_total.fetch_add(1, Relaxed);
+        log::info!(
+            "session#{} failed over from {} to {} (replayed {} messages)",
+            self.id,
+            lost.map_or("-".to_string(), |a| a.to_string()),
+            self.backends_used
+                .last()
+                .map_or("-".to_string(), |a| a.to_string()),
+            self.state.replay().len()
+        );
+        Ok(())
+    }
+
+    /// Relays until the session ends (failing over on backend loss when the pool says
+    /// `reconnect`), then runs the closing handshake the outcome calls for.
+    async fn relay(&mut self, me: &Addr<Session>, control: &mut mpsc::UnboundedReceiver<Control>) {
         let t = self.config.timeouts;
-        let timing = Timing { idle: t.idle(), ping_interval: t.ping_interval() };
+        let timing = Timing {
+            idle: t.idle(),
+            ping_interval: t.ping_interval(),
+        };
         let metrics = Arc::clone(&self.shared.metrics);
-        let flushed = &mut self.flushed;
-        let outcome = relay::relay(client, backend, control, timing, &mut self.counters, &mut self.fault, |c| {
-            flush_counters(&metrics, flushed, c)
-        })
-        .await;
-        log::debug!("session#{} relay ended: {outcome:?}", self.id);
+        let outcome = loop {
+            let (Some(client), Some(backend)) = (self.client.as_mut(), self.backend.as_mut())
+            else {
+                return;
+            };
+            let flushed = &mut self.flushed;
+            let outcome = relay::relay(
+                client,
+                backend,
+                control,
+                timing,
+                &mut self.state,
+                &mut self.fault,
+                |c| flush_counters(&metrics, flushed, c),
+            )
+            .await;
+            log::debug!("session#{} relay ended: {outcome:?}", self.id);
+            let lost = match &outcome {
+                Outcome::Gone(Side::Backend, why) => why.clone(),
+                Outcome::Unresponsive(Side::Backend) => "backend did not answer pings".into(),
+                Outcome::Control(Control::BackendDown) => "marked down by its pool".into(),
+                _ => break outcome,
+            };
+            self.backend = None;
+            if self.loss_policy() == OnBackendLoss::Reconnect {
+                match self.reconnect(me).await {
+                    Ok(()) => continue,
+                    Err(e) => log::info!(
+                        "session#{}: backend lost ({lost}); failover failed: {e}",
+                        self.id
+                    ),
+                }
+            } else {
+                log::info!(
+                    "session#{}: backend lost ({lost}); on_backend_loss close",
+                    self.id
+                );
+            }
+            break outcome;
+        };
         let going_away = || Some(close_frame(1001, "going away"));
         let (client_frame, backend_frame, close) = match outcome {
             Outcome::Closed(Side::Client, f) => {
@@ -363,11 +573,18 @@ impl Run {
                 self.client = None;
                 (None, Some(going_away()), (1006, ClosedBy::Client))
             }
-            Outcome::Gone(Side::Backend, ref why) => self.backend_lost(why),
-            Outcome::Unresponsive(Side::Backend) => self.backend_lost("backend did not answer pings"),
-            Outcome::Control(Control::BackendDown) => self.backend_lost("marked down by its pool"),
+            Outcome::Gone(Side::Backend, _)
+            | Outcome::Unresponsive(Side::Backend)
+            | Outcome::Control(Control::BackendDown) => (
+                Some(Some(close_frame(1014, "bad gateway"))),
+                None,
+                (1014, ClosedBy::Gateway),
+            ),
             Outcome::Violation(side, code, ref why) => {
-                log::info!("session#{}: {side:?} broke a limit or the protocol: {why}", self.id);
+                log::info!(
+                    "session#{}: {side:?} broke a limit or the protocol: {why}",
+                    self.id
+                );
                 let mine = Some(close_frame(code, "message too big or invalid"));
                 match side {
                     Side::Client => (Some(mine), Some(going_away()), (code, ClosedBy::Gateway)),
@@ -379,27 +596,34 @@ impl Run {
                 Some(Some(close_frame(1001, "idle timeout"))),
                 (1001, ClosedBy::Gateway),
             ),
-            Outcome::Control(Control::Close { code, reason }) => {
-                (Some(Some(close_frame(code, reason))), Some(going_away()), (code, ClosedBy::Gateway))
-            }
-            Outcome::ControlLost => {
-                (Some(Some(close_frame(1011, "internal error"))), Some(going_away()), (1011, ClosedBy::Gateway))
-            }
+            Outcome::Control(Control::Close { code, reason }) => (
+                Some(Some(close_frame(code, reason))),
+                Some(going_away()),
+                (code, ClosedBy::Gateway),
+            ),
+            Outcome::ControlLost => (
+                Some(Some(close_frame(1011, "internal error"))),
+                Some(going_away()),
+                (1011, ClosedBy::Gateway),
+            ),
         };
         self.close = Some(close);
         self.close_sockets(client_frame, backend_frame).await;
     }
 
-    /// `on_backend_loss` for a session whose backend broke without a close frame.
-    fn backend_lost(&mut self, why: &str) -> (Option<Option<CloseFrame>>, Option<Option<CloseFrame>>, (u16, ClosedBy)) {
-        let pool = self.pool.as_deref().and_then(|p| self.config.pools.get(p));
-        let policy = pool.map(|p| p.on_backend_loss).unwrap_or_default();
-        log::info!("session#{}: backend lost ({why}); on_backend_loss {policy:?}", self.id);
-        self.backend = None;
-        match policy {
-            OnBackendLoss::Close | OnBackendLoss::Reconnect => {
-                (Some(Some(close_frame(1014, "bad gateway"))), None, (1014, ClosedBy::Gateway))
-            }
+    /// The pool's `on_backend_loss` (tunnel relays cannot fail over).
+    fn loss_policy(&self) -> OnBackendLoss {
+        let Some(pool) = self.pool.as_deref() else {
+            return OnBackendLoss::Close;
+        };
+        match self.config.relay_for(pool) {
+            RelayMode::Tunnel => OnBackendLoss::Close,
+            RelayMode::Message => self
+                .config
+                .pools
+                .get(pool)
+                .map(|p| p.on_backend_loss)
+                .unwrap_or_default(),
         }
     }
 
@@ -431,11 +655,18 @@ impl Run {
     async fn after_panic(&mut self) {
         self.close = Some((1011, ClosedBy::Gateway));
         if let Some(raw) = self.raw.as_mut() {
-            let _ = rt::timeout(relay::CLOSE_TIMEOUT, handshake::write_all(raw, &handshake::refusal(500))).await;
+            let _ = rt::timeout(
+                relay::CLOSE_TIMEOUT,
+                handshake::write_all(raw, &handshake::refusal(500)),
+            )
+            .await;
             return;
         }
-        self.close_sockets(Some(Some(close_frame(1011, "internal error"))), Some(Some(close_frame(1001, "going away"))))
-            .await;
+        self.close_sockets(
+            Some(Some(close_frame(1011, "internal error"))),
+            Some(Some(close_frame(1001, "going away"))),
+        )
+        .await;
     }
 
     async fn refuse(&mut self, status: u16, why: HandshakeFailure) -> bool {
@@ -462,9 +693,13 @@ impl Run {
 
     /// The access line (SPEC §6) of an established session, and its last metric counts.
     fn finish_log(&mut self) {
-        flush_counters(&self.shared.metrics, &mut self.flushed, &self.counters);
+        flush_counters(
+            &self.shared.metrics,
+            &mut self.flushed,
+            &self.state.counters(),
+        );
         let Some((code, by)) = self.close else { return };
-        let c = self.counters;
+        let c = self.state.counters();
         let backends: Vec<String> = self.backends_used.iter().map(ToString::to_string).collect();
         log::info!(
             "access session={} client={} listener={} route={} pool={} backend={} duration_ms={} c2b_msgs={} b2c_msgs={} c2b_bytes={} b2c_bytes={} close={code} closed_by={} failovers={}",
@@ -491,11 +726,27 @@ impl Run {
 
 /// Adds what the relay counted since the last flush to the process metrics.
 fn flush_counters(m: &crate::metrics::Metrics, flushed: &mut Counters, now: &Counters) {
-    m.messages_c2b.fetch_add(now.c2b_msgs - flushed.c2b_msgs, Relaxed);
-    m.messages_b2c.fetch_add(now.b2c_msgs - flushed.b2c_msgs, Relaxed);
-    m.bytes_c2b.fetch_add(now.c2b_bytes - flushed.c2b_bytes, Relaxed);
-    m.bytes_b2c.fetch_add(now.b2c_bytes - flushed.b2c_bytes, Relaxed);
+    m.messages_c2b
+        .fetch_add(now.c2b_msgs - flushed.c2b_msgs, Relaxed);
+    m.messages_b2c
+        .fetch_add(now.b2c_msgs - flushed.b2c_msgs, Relaxed);
+    m.bytes_c2b
+        .fetch_add(now.c2b_bytes - flushed.c2b_bytes, Relaxed);
+    m.bytes_b2c
+        .fetch_add(now.b2c_bytes - flushed.b2c_bytes, Relaxed);
     *flushed = *now;
+}
+
+type Response = async_tungstenite::tungstenite::handshake::client::Response;
+
+/// Why a dial walk found no backend.
+enum Walk {
+    /// A backend answered the upgrade with a 4xx.
+    Refused(Response),
+    /// Every candidate failed, or none is up.
+    NoBackend,
+    /// The client's headers cannot be sent upstream.
+    BadRequest,
 }
 
 enum DialError {
@@ -510,15 +761,33 @@ async fn dial(
     req: async_tungstenite::tungstenite::http::Request<()>,
     cfg: async_tungstenite::tungstenite::protocol::WebSocketConfig,
     timeout: std::time::Duration,
-) -> Result<(BackendWs, async_tungstenite::tungstenite::handshake::client::Response), DialError> {
+) -> Result<
+    (
+        BackendWs,
+        async_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    DialError,
+> {
     let started = Instant::now();
-    let tcp = transport::dial(b.addr, timeout).await.map_err(|e| DialError::Failed(format!("connect: {e}")))?;
+    let tcp = transport::dial(b.addr, timeout)
+        .await
+        .map_err(|e| DialError::Failed(format!("connect: {e}")))?;
     let left = timeout.saturating_sub(started.elapsed());
-    match rt::timeout(left, async_tungstenite::client_async_with_config(req, tcp, Some(cfg))).await {
+    match rt::timeout(
+        left,
+        async_tungstenite::client_async_with_config(req, tcp, Some(cfg)),
+    )
+    .await
+    {
         Err(_) => Err(DialError::Failed("upgrade timed out (connect_ms)".into())),
         Ok(Ok(ok)) => Ok(ok),
-        Ok(Err(WsError::Http(resp))) if resp.status().is_client_error() => Err(DialError::Refused(*resp)),
-        Ok(Err(WsError::Http(resp))) => Err(DialError::Failed(format!("upgrade answered {}", resp.status()))),
+        Ok(Err(WsError::Http(resp))) if resp.status().is_client_error() => {
+            Err(DialError::Refused(*resp))
+        }
+        Ok(Err(WsError::Http(resp))) => Err(DialError::Failed(format!(
+            "upgrade answered {}",
+            resp.status()
+        ))),
         Ok(Err(e)) => Err(DialError::Failed(format!("upgrade: {e}"))),
     }
 }

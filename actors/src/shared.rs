@@ -23,7 +23,10 @@ impl<A: xactor::Actor> Default for Slot<A> {
 
 impl<A: xactor::Actor> Slot<A> {
     pub fn get(&self) -> Option<Addr<A>> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
     pub fn set(&self, addr: Option<Addr<A>>) {
         *self.0.write().unwrap_or_else(PoisonError::into_inner) = addr;
@@ -45,6 +48,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub pools: BTreeMap<String, PoolHandle>,
     pub listeners: Vec<ListenerHandle>,
+    pub health_checker: Slot<crate::health_checker::HealthChecker>,
     per_ip: Mutex<HashMap<IpAddr, u64>>,
     /// Set at shutdown: sessions finishing their handshake close at once with 1001.
     pub draining: std::sync::atomic::AtomicBool,
@@ -55,16 +59,28 @@ impl Shared {
         let pools = config
             .pools
             .iter()
-            .map(|(name, p)| (name.clone(), PoolHandle { shared: PoolShared::new(name, p), addr: Slot::default() }))
+            .map(|(name, p)| {
+                (
+                    name.clone(),
+                    PoolHandle {
+                        shared: PoolShared::new(name, p),
+                        addr: Slot::default(),
+                    },
+                )
+            })
             .collect();
         let listeners = (0..config.listeners.len())
-            .map(|i| ListenerHandle { name: config.listener_name(i), addr: Slot::default() })
+            .map(|i| ListenerHandle {
+                name: config.listener_name(i),
+                addr: Slot::default(),
+            })
             .collect();
         Arc::new(Shared {
             config,
             metrics,
             pools,
             listeners,
+            health_checker: Slot::default(),
             per_ip: Mutex::new(HashMap::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
         })
@@ -74,7 +90,10 @@ impl Shared {
     pub fn acquire_slot(self: &Arc<Self>, ip: IpAddr) -> Option<SessionSlot> {
         let limits = self.config.limits;
         let active = self.metrics.sessions_active.fetch_add(1, Relaxed);
-        let mut slot = SessionSlot { shared: Arc::clone(self), ip: None };
+        let mut slot = SessionSlot {
+            shared: Arc::clone(self),
+            ip: None,
+        };
         if active >= limits.max_sessions {
             return None; // the drop gives the count back
         }
@@ -101,7 +120,11 @@ impl Drop for SessionSlot {
     fn drop(&mut self) {
         self.shared.metrics.sessions_active.fetch_sub(1, Relaxed);
         if let Some(ip) = self.ip {
-            let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut per_ip = self
+                .shared
+                .per_ip
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if let Some(n) = per_ip.get_mut(&ip) {
                 *n -= 1;
                 if *n == 0 {
@@ -121,13 +144,23 @@ impl Shared {
         let _ = writeln!(out, "# HELP wsgate_backend_up Whether the backend takes new sessions.\n# TYPE wsgate_backend_up gauge");
         for (name, p) in &self.pools {
             for b in &p.shared.backends {
-                let _ = writeln!(out, "wsgate_backend_up{{pool=\"{name}\",backend=\"{}\"}} {}", b.addr, u8::from(b.is_up()));
+                let _ = writeln!(
+                    out,
+                    "wsgate_backend_up{{pool=\"{name}\",backend=\"{}\"}} {}",
+                    b.addr,
+                    u8::from(b.is_up())
+                );
             }
         }
         let _ = writeln!(out, "# HELP wsgate_backend_sessions Live sessions on the backend.\n# TYPE wsgate_backend_sessions gauge");
         for (name, p) in &self.pools {
             for b in &p.shared.backends {
-                let _ = writeln!(out, "wsgate_backend_sessions{{pool=\"{name}\",backend=\"{}\"}} {}", b.addr, b.active());
+                let _ = writeln!(
+                    out,
+                    "wsgate_backend_sessions{{pool=\"{name}\",backend=\"{}\"}} {}",
+                    b.addr,
+                    b.active()
+                );
             }
         }
         out
@@ -190,7 +223,11 @@ impl Shared {
                 for (id, addr) in b.sessions_snapshot() {
                     if let Some(addr) = addr.upgrade() {
                         let msg = crate::messages::SessionControl(make());
-                        crate::messages::trace(&"supervisor", &crate::messages::SessionName(id), &msg);
+                        crate::messages::trace(
+                            &"supervisor",
+                            &crate::messages::SessionName(id),
+                            &msg,
+                        );
                         if addr.send(msg).is_ok() {
                             n += 1;
                         }

@@ -8,6 +8,7 @@
 //! doubling with each failure in the last 60 s, capped at 30 s — so a child that keeps
 //! crashing cannot spin the CPU, while one that failed once is back almost at once.
 
+use crate::health_checker::HealthChecker;
 use crate::listener::Listener;
 use crate::messages::{trace, ChildExited, RestartChild, StopAccepting};
 use crate::pool::Pool;
@@ -29,6 +30,7 @@ const WINDOW: Duration = Duration::from_secs(60);
 pub enum ChildId {
     Pool(String),
     Listener(usize),
+    HealthChecker,
 }
 
 struct ChildState {
@@ -46,33 +48,53 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn new(shared: Arc<Shared>, sockets: Vec<Arc<TcpListener>>) -> Supervisor {
-        Supervisor { shared, sockets, children: HashMap::new(), stopping: false }
+        Supervisor {
+            shared,
+            sockets,
+            children: HashMap::new(),
+            stopping: false,
+        }
     }
 
     fn child_name(&self, id: &ChildId) -> String {
         match id {
             ChildId::Pool(name) => format!("pool:{name}"),
             ChildId::Listener(i) => format!("listener:{}", self.shared.listeners[*i].name),
+            ChildId::HealthChecker => "health_checker".into(),
         }
     }
 
     /// Starts (or restarts) a child and a watcher that reports its exit.
     async fn start_child(&mut self, ctx: &mut Context<Self>, id: ChildId) -> xactor::Result<()> {
-        let state = self.children.entry(id.clone()).or_insert(ChildState { generation: 0, failures: VecDeque::new() });
+        let state = self.children.entry(id.clone()).or_insert(ChildState {
+            generation: 0,
+            failures: VecDeque::new(),
+        });
         state.generation += 1;
         let generation = state.generation;
         let sup = ctx.address();
         match &id {
             ChildId::Pool(name) => {
-                let Some(handle) = self.shared.pools.get(name) else { return Ok(()) };
-                let addr = Pool::new(Arc::clone(&handle.shared), Arc::clone(&self.shared.metrics)).start().await?;
+                let Some(handle) = self.shared.pools.get(name) else {
+                    return Ok(());
+                };
+                let addr = Pool::new(Arc::clone(&handle.shared), Arc::clone(&self.shared.metrics))
+                    .start()
+                    .await?;
                 handle.addr.set(Some(addr.clone()));
                 watch(addr, sup, id, generation);
             }
             ChildId::Listener(i) => {
                 let socket = Arc::clone(&self.sockets[*i]);
-                let addr = Listener::new(*i, socket, Arc::clone(&self.shared)).start().await?;
+                let addr = Listener::new(*i, socket, Arc::clone(&self.shared))
+                    .start()
+                    .await?;
                 self.shared.listeners[*i].addr.set(Some(addr.clone()));
+                watch(addr, sup, id, generation);
+            }
+            ChildId::HealthChecker => {
+                let addr = HealthChecker::new(Arc::clone(&self.shared)).start().await?;
+                self.shared.health_checker.set(Some(addr.clone()));
                 watch(addr, sup, id, generation);
             }
         }
@@ -94,6 +116,7 @@ impl fmt::Display for ChildId {
         match self {
             ChildId::Pool(n) => write!(f, "pool:{n}"),
             ChildId::Listener(i) => write!(f, "listener#{i}"),
+            ChildId::HealthChecker => f.write_str("health_checker"),
         }
     }
 }
@@ -104,6 +127,9 @@ impl Actor for Supervisor {
         let pools: Vec<String> = self.shared.pools.keys().cloned().collect();
         for name in pools {
             self.start_child(ctx, ChildId::Pool(name)).await?;
+        }
+        if HealthChecker::needed(&self.shared) {
+            self.start_child(ctx, ChildId::HealthChecker).await?;
         }
         for i in 0..self.sockets.len() {
             self.start_child(ctx, ChildId::Listener(i)).await?;
@@ -116,8 +142,12 @@ impl Actor for Supervisor {
 impl Handler<ChildExited> for Supervisor {
     async fn handle(&mut self, ctx: &mut Context<Self>, msg: ChildExited) {
         let name = self.child_name(&msg.child);
-        let Some(state) = self.children.get_mut(&msg.child) else { return };
-        if state.generation != msg.generation || (self.stopping && matches!(msg.child, ChildId::Listener(_))) {
+        let Some(state) = self.children.get_mut(&msg.child) else {
+            return;
+        };
+        if state.generation != msg.generation
+            || (self.stopping && matches!(msg.child, ChildId::Listener(_)))
+        {
             return; // an older incarnation, already replaced, or a listener we stopped
         }
         match &msg.child {
@@ -127,16 +157,23 @@ impl Handler<ChildExited> for Supervisor {
                 }
             }
             ChildId::Listener(i) => self.shared.listeners[*i].addr.set(None),
+            ChildId::HealthChecker => self.shared.health_checker.set(None),
         }
         let now = Instant::now();
         state.failures.retain(|t| now.duration_since(*t) < WINDOW);
         state.failures.push_back(now);
         let n = state.failures.len() as u32;
-        let backoff = FIRST_BACKOFF.saturating_mul(1 << (n - 1).min(16)).min(MAX_BACKOFF);
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1 << (n - 1).min(16))
+            .min(MAX_BACKOFF);
         if backoff == MAX_BACKOFF {
-            log::error!("supervisor: {name} failed {n} times in {WINDOW:?}; restarting in {backoff:?}");
+            log::error!(
+                "supervisor: {name} failed {n} times in {WINDOW:?}; restarting in {backoff:?}"
+            );
         } else {
-            log::warn!("supervisor: {name} failed ({n} in the last {WINDOW:?}); restarting in {backoff:?}");
+            log::warn!(
+                "supervisor: {name} failed ({n} in the last {WINDOW:?}); restarting in {backoff:?}"
+            );
         }
         let restart = RestartChild { child: msg.child };
         trace(&"supervisor", &"supervisor", &restart);
@@ -150,7 +187,10 @@ impl Handler<RestartChild> for Supervisor {
         let name = self.child_name(&msg.child);
         match self.start_child(ctx, msg.child.clone()).await {
             Ok(()) => {
-                self.shared.metrics.actor_restarts_total.fetch_add(1, Relaxed);
+                self.shared
+                    .metrics
+                    .actor_restarts_total
+                    .fetch_add(1, Relaxed);
                 log::info!("supervisor: {name} restarted");
             }
             Err(e) => {
