@@ -265,6 +265,7 @@ fn chosen_protocol(req: &Request, supported: &[String]) -> Option<String> {
     supported.iter().find(|p| offered.contains(p)).cloned()
 }
 
+#[allow(clippy::result_large_err)] // the callback type is tungstenite's
 async fn serve(stream: TcpStream, peer: SocketAddr, opts: BackendOpts, s: Arc<Shared>) {
     if let Mode::Hang = opts.mode {
         // Hold the socket open, never answer; ends when the task is cancelled or the peer goes.

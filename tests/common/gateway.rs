@@ -2,7 +2,7 @@
 //! log lines, stderr collected in a background thread, killed on drop.
 
 use super::notify::Notify;
-use super::{RawConn, WAIT};
+use super::{within, RawConn, WAIT};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -268,6 +268,35 @@ impl Gateway {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// Sends a signal (`TERM`, `INT`, `HUP`) to the gateway process (our own child, by pid).
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -{sig} {}", self.child.id());
+    }
+
+    /// Waits (bounded) for the process to exit (its output streams close first) and
+    /// returns its exit code.
+    pub async fn wait_exit(&mut self, d: Duration) -> Option<i32> {
+        let logs = self.logs.clone();
+        logs.notify
+            .wait_until("wsgate exits", d, || logs.closed())
+            .await;
+        let st = within("wsgate exit status", d, async {
+            loop {
+                if let Some(st) = self.child.try_wait().unwrap() {
+                    return st;
+                }
+                async_std::task::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        st.code()
+    }
+
     /// `GET /metrics` from the admin listener (body text).
     pub async fn metrics(&self) -> String {
         let admin = self.admin.expect("admin is not configured");
@@ -289,7 +318,7 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("WSGATE_TEST_LOGS").is_some() {
             eprintln!(
                 "--- wsgate output (pid {}) ---\n{}",
                 self.child.id(),
