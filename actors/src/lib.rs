@@ -17,6 +17,7 @@ pub mod session;
 pub mod shared;
 pub mod supervisor;
 pub mod transport;
+pub mod tunnel;
 
 use config::Config;
 use metrics::Metrics;

@@ -20,6 +20,7 @@ use crate::relay::{
 use crate::rt;
 use crate::shared::{SessionSlot, Shared};
 use crate::transport::{self, BackendStream, ClientStream};
+use crate::tunnel::{self, TunnelCounts, TunnelEnd};
 use async_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use async_tungstenite::tungstenite::Error as WsError;
 use async_tungstenite::WebSocketStream;
@@ -129,6 +130,9 @@ struct Run {
     subprotocol: Option<String>,
     state: RelayState,
     flushed: Counters,
+    /// A tunnel-mode session's sockets and the bytes read past the handshake heads.
+    tunnel: Option<TunnelIo>,
+    tunnel_counts: TunnelCounts,
     close: Option<(u16, ClosedBy)>,
     failovers: u32,
     fault: Fault,
@@ -160,6 +164,8 @@ async fn run(
         subprotocol: None,
         state: RelayState::default(),
         flushed: Counters::default(),
+        tunnel: None,
+        tunnel_counts: TunnelCounts::default(),
         close: None,
         failovers: 0,
         fault: Fault::default(),
@@ -190,7 +196,11 @@ impl Run {
         control: &mut mpsc::UnboundedReceiver<Control>,
     ) {
         if self.handshake(me).await {
-            self.relay(me, control).await;
+            if self.tunnel.is_some() {
+                self.run_tunnel(control).await;
+            } else {
+                self.relay(me, control).await;
+            }
         }
     }
 
@@ -256,9 +266,11 @@ impl Run {
             self.fault.panic_after_first = fault.as_deref() == Some("panic");
         }
 
-        let Some((backend, response)) = self.connect(&route.pool, &head).await else {
+        let tunnel = self.config.relay_for(&route.pool) == RelayMode::Tunnel;
+        let Some(upstream) = self.connect(&route.pool, &head, tunnel).await else {
             return false;
         };
+        let response = upstream.response();
         self.subprotocol = response
             .headers()
             .get("sec-websocket-protocol")
@@ -271,22 +283,39 @@ impl Run {
             .map_or(0, |p| p.replay_first_messages as usize);
         self.state = RelayState::new(replay);
         let key = head.header("sec-websocket-key").unwrap_or_default();
-        let answer = handshake::switching_protocols(key, &response, false);
+        let answer = handshake::switching_protocols(key, response, tunnel);
         let Some(mut raw) = self.raw.take() else {
             return false;
         };
-        if handshake::write_all(&mut raw, &answer).await.is_err() {
-            self.close = Some((1006, ClosedBy::Client));
-            self.backend = Some(backend);
-            return false;
-        }
-        let limits = self.config.limits;
-        let cfg = relay::ws_config(limits.max_message_bytes, limits.max_frame_bytes);
+        let written = handshake::write_all(&mut raw, &answer).await.is_ok();
         let leftover = buf.split_off(head_len);
-        self.client = Some(
-            WebSocketStream::from_partially_read(raw, leftover, Role::Server, Some(cfg)).await,
-        );
-        self.backend = Some(backend);
+        match upstream {
+            Upstream::Ws(backend, _) => {
+                self.backend = Some(backend);
+                if !written {
+                    self.close = Some((1006, ClosedBy::Client));
+                    return false;
+                }
+                let limits = self.config.limits;
+                let cfg = relay::ws_config(limits.max_message_bytes, limits.max_frame_bytes);
+                self.client = Some(
+                    WebSocketStream::from_partially_read(raw, leftover, Role::Server, Some(cfg))
+                        .await,
+                );
+            }
+            Upstream::Raw(backend, up) => {
+                if !written {
+                    self.close = Some((1006, ClosedBy::Client));
+                    return false;
+                }
+                self.tunnel = Some(TunnelIo {
+                    client: raw,
+                    backend,
+                    c2b: leftover,
+                    b2c: up.leftover,
+                });
+            }
+        }
         if let Some(lease) = self.lease.as_mut() {
             lease.attach(self.id, me.downgrade());
         }
@@ -340,8 +369,9 @@ impl Run {
         &mut self,
         pool_name: &str,
         head: &RequestHead,
-    ) -> Option<(BackendWs, Response)> {
-        match self.dial_walk(pool_name, head, Vec::new()).await {
+        tunnel: bool,
+    ) -> Option<Upstream> {
+        match self.dial_walk(pool_name, head, Vec::new(), tunnel).await {
             Ok(ok) => Some(ok),
             Err(Walk::Refused(resp)) => {
                 // The application's own verdict (401, 403, 404…): pass it on, no retry.
@@ -371,7 +401,8 @@ impl Run {
         pool_name: &str,
         head: &RequestHead,
         exclude: Vec<SocketAddr>,
-    ) -> Result<(BackendWs, Response), Walk> {
+        tunnel: bool,
+    ) -> Result<Upstream, Walk> {
         let Some(addr) = self.shared.pools.get(pool_name).and_then(|p| p.addr.get()) else {
             log::warn!("session#{}: pool {pool_name} is restarting", self.id);
             return Err(Walk::NoBackend);
@@ -411,12 +442,12 @@ impl Run {
                 &authority,
                 client,
                 &self.config.headers,
-                false,
+                tunnel,
                 false,
             ) else {
                 return Err(Walk::BadRequest);
             };
-            match dial(b, req, cfg, timeouts.connect()).await {
+            match dial(b, req, cfg, timeouts.connect(), tunnel).await {
                 Ok(ok) => {
                     self.lease = lease;
                     return Ok(ok);
@@ -459,11 +490,12 @@ impl Run {
         };
         let lost = self.backends_used.last().copied();
         let result = self
-            .dial_walk(&pool, &head, lost.into_iter().collect())
+            .dial_walk(&pool, &head, lost.into_iter().collect(), false)
             .await;
         self.head = Some(head);
         let (mut backend, response) = match result {
-            Ok(ok) => ok,
+            Ok(Upstream::Ws(ws, response)) => (ws, response),
+            Ok(Upstream::Raw(..)) => return Err("tunnel sessions do not fail over".into()),
             Err(Walk::Refused(resp)) => {
                 return Err(format!(
                     "new backend refused the upgrade with {}",
@@ -611,6 +643,30 @@ impl Run {
         self.close_sockets(client_frame, backend_frame).await;
     }
 
+    /// A tunnel-mode session: copy bytes both ways until a side closes. Frames are not parsed,
+    /// so the close code is unknown (`close=-`); a drain closes both sockets.
+    async fn run_tunnel(&mut self, control: &mut mpsc::UnboundedReceiver<Control>) {
+        let Some(t) = self.tunnel.take() else { return };
+        let end = tunnel::copy_both(
+            &t.client,
+            &t.backend,
+            &t.c2b,
+            &t.b2c,
+            control,
+            &mut self.tunnel_counts,
+        )
+        .await;
+        log::debug!("session#{} tunnel ended: {end:?}", self.id);
+        self.close = Some(match end {
+            TunnelEnd::ClientClosed => (0, ClosedBy::Client),
+            TunnelEnd::BackendClosed => (0, ClosedBy::Backend),
+            TunnelEnd::Failed(_) | TunnelEnd::Control(_) => (0, ClosedBy::Gateway),
+        });
+        let m = &self.shared.metrics;
+        m.bytes_c2b.fetch_add(self.tunnel_counts.c2b_bytes, Relaxed);
+        m.bytes_b2c.fetch_add(self.tunnel_counts.b2c_bytes, Relaxed);
+    }
+
     /// The pool's `on_backend_loss` (tunnel relays cannot fail over).
     fn loss_policy(&self) -> OnBackendLoss {
         let Some(pool) = self.pool.as_deref() else {
@@ -699,7 +755,14 @@ impl Run {
             &self.state.counters(),
         );
         let Some((code, by)) = self.close else { return };
-        let c = self.state.counters();
+        let mut c = self.state.counters();
+        c.c2b_bytes += self.tunnel_counts.c2b_bytes;
+        c.b2c_bytes += self.tunnel_counts.b2c_bytes;
+        let code = if code == 0 {
+            "-".to_string()
+        } else {
+            code.to_string()
+        };
         let backends: Vec<String> = self.backends_used.iter().map(ToString::to_string).collect();
         log::info!(
             "access session={} client={} listener={} route={} pool={} backend={} duration_ms={} c2b_msgs={} b2c_msgs={} c2b_bytes={} b2c_bytes={} close={code} closed_by={} failovers={}",
@@ -756,23 +819,54 @@ enum DialError {
     Failed(String),
 }
 
+/// A backend that accepted the upgrade.
+enum Upstream {
+    /// Message relay: tungstenite did the client handshake.
+    Ws(BackendWs, Response),
+    /// Tunnel relay: the raw socket and what the backend sent after its 101.
+    Raw(BackendStream, tunnel::RawUpgrade),
+}
+
+impl Upstream {
+    fn response(&self) -> &Response {
+        match self {
+            Upstream::Ws(_, r) => r,
+            Upstream::Raw(_, up) => &up.response,
+        }
+    }
+}
+
+/// A tunnel-mode session's sockets and the bytes each side sent past its handshake head.
+struct TunnelIo {
+    client: ClientStream,
+    backend: BackendStream,
+    c2b: Vec<u8>,
+    b2c: Vec<u8>,
+}
+
 async fn dial(
     b: &BackendState,
     req: async_tungstenite::tungstenite::http::Request<()>,
     cfg: async_tungstenite::tungstenite::protocol::WebSocketConfig,
     timeout: std::time::Duration,
-) -> Result<
-    (
-        BackendWs,
-        async_tungstenite::tungstenite::handshake::client::Response,
-    ),
-    DialError,
-> {
+    tunnel: bool,
+) -> Result<Upstream, DialError> {
     let started = Instant::now();
-    let tcp = transport::dial(b.addr, timeout)
+    let mut tcp = transport::dial(b.addr, timeout)
         .await
         .map_err(|e| DialError::Failed(format!("connect: {e}")))?;
     let left = timeout.saturating_sub(started.elapsed());
+    if tunnel {
+        return match tunnel::raw_upgrade(&mut tcp, &req, left).await {
+            Ok(up) => Ok(Upstream::Raw(tcp, up)),
+            Err(Ok(resp)) if resp.status().is_client_error() => Err(DialError::Refused(resp)),
+            Err(Ok(resp)) => Err(DialError::Failed(format!(
+                "upgrade answered {}",
+                resp.status()
+            ))),
+            Err(Err(reason)) => Err(DialError::Failed(reason)),
+        };
+    }
     match rt::timeout(
         left,
         async_tungstenite::client_async_with_config(req, tcp, Some(cfg)),
@@ -780,7 +874,7 @@ async fn dial(
     .await
     {
         Err(_) => Err(DialError::Failed("upgrade timed out (connect_ms)".into())),
-        Ok(Ok(ok)) => Ok(ok),
+        Ok(Ok((ws, resp))) => Ok(Upstream::Ws(ws, resp)),
         Ok(Err(WsError::Http(resp))) if resp.status().is_client_error() => {
             Err(DialError::Refused(*resp))
         }
