@@ -355,9 +355,11 @@ async fn idle_timeout_closes_both_sides_1001() {
     let gw = gateway_with(&b, json!({ "timeouts": { "idle_ms": 400 } })).await;
     let mut c = connect(gw.addr(), "/", &[]).await;
     for i in 0..6 {
+        if i > 0 {
+            async_std::task::sleep(ms(150)).await; // 5 × 150 ms > idle_ms, with traffic between
+        }
         let m = format!("keep {i}");
         assert_eq!(c.ask(&m).await, m);
-        async_std::task::sleep(ms(150)).await; // 6 × 150 ms > idle_ms with traffic between
     }
     let last = Instant::now();
     let code = c.close_code().await;

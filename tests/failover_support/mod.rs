@@ -1,0 +1,706 @@
+//! Harness for the failover tests: the real `wsgate` binary and the real example backends
+//! (`chat_server`, `ticker_server`) as child processes, killed on drop; every output line is
+//! kept with the instant the test read it, so detection times are measured from the test's
+//! own clock (kill sent → log line read). All waits are bounded.
+//!
+//! Self-contained on purpose (it does not share `tests/common`): the failover tests need
+//! timestamped log lines and backend processes that can be killed and restarted on a port.
+#![allow(dead_code)]
+
+pub use async_tungstenite::tungstenite::protocol::CloseFrame;
+pub use async_tungstenite::tungstenite::Message;
+pub use serde_json::{json, Value};
+
+use async_std::net::TcpStream;
+use async_tungstenite::tungstenite::client::IntoClientRequest;
+use async_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use async_tungstenite::WebSocketStream;
+use futures::{AsyncReadExt, AsyncWriteExt, SinkExt, StreamExt};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// The default bound on one wait.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The timing-sensitive tests of one target run one at a time: detection-time bounds are
+/// about the gateway, not about how many other gateways share the two cores.
+pub static SERIAL: async_std::sync::Mutex<()> = async_std::sync::Mutex::new(());
+
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Awaits `f`, panicking with `what` if it takes longer than `d`.
+pub async fn within<F: Future>(what: &str, d: Duration, f: F) -> F::Output {
+    match async_std::future::timeout(d, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {d:?} waiting for: {what}"),
+    }
+}
+
+pub fn wsgate_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_wsgate"))
+}
+
+/// `<target>/<profile>/examples/NAME` (`cargo test` builds the examples).
+pub fn example_bin(name: &str) -> PathBuf {
+    let p = wsgate_bin()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --examples` (cargo test builds them)",
+        p.display()
+    );
+    p
+}
+
+// ---------------------------------------------------------------------------------------------
+// A "something changed" signal, so waits are woken by new output instead of sleeping.
+
+#[derive(Default)]
+pub struct Notify {
+    generation: AtomicU64,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl Notify {
+    pub fn notify(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        for w in std::mem::take(&mut *self.wakers.lock().unwrap()) {
+            w.wake();
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn changed(&self, seen: u64) -> Changed<'_> {
+        Changed { notify: self, seen }
+    }
+}
+
+struct Changed<'a> {
+    notify: &'a Notify,
+    seen: u64,
+}
+
+impl Future for Changed<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.notify.generation() != self.seen {
+            return Poll::Ready(());
+        }
+        self.notify.wakers.lock().unwrap().push(cx.waker().clone());
+        if self.notify.generation() != self.seen {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output of a child process, line by line, with the instant each line was read.
+
+#[derive(Clone, Debug)]
+pub struct Line {
+    pub at: Instant,
+    pub text: String,
+}
+
+#[derive(Default)]
+pub struct Logs {
+    lines: Mutex<Vec<Line>>,
+    open: AtomicUsize,
+    notify: Notify,
+}
+
+impl Logs {
+    fn collect(self: &Arc<Self>, r: impl Read + Send + 'static) {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        let logs = Arc::clone(self);
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(r);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&buf).trim_end().to_string();
+                        let at = Instant::now();
+                        logs.lines.lock().unwrap().push(Line { at, text });
+                        logs.notify.notify();
+                    }
+                }
+            }
+            logs.open.fetch_sub(1, Ordering::SeqCst);
+            logs.notify.notify();
+        });
+    }
+
+    pub fn lines(&self) -> Vec<Line> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dump(&self) -> String {
+        let lines = self.lines.lock().unwrap();
+        let mut out = String::new();
+        for l in lines.iter() {
+            out.push_str(&l.text);
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Lines at index ≥ `from` matching `pred`, with their indexes.
+    pub fn matching(&self, from: usize, pred: impl Fn(&str) -> bool) -> Vec<(usize, Line)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .skip(from)
+            .filter(|(_, l)| pred(&l.text))
+            .map(|(i, l)| (i, l.clone()))
+            .collect()
+    }
+
+    pub fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.matching(0, pred).len()
+    }
+
+    /// Waits (up to `d`) until `cond` holds on the lines; re-checked on every new line.
+    /// Panics with the whole output on timeout or when the process's output ends first.
+    pub async fn wait_until<T>(
+        &self,
+        what: &str,
+        d: Duration,
+        mut cond: impl FnMut(&[Line]) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + d;
+        loop {
+            let g = self.notify.generation();
+            {
+                let lines = self.lines.lock().unwrap();
+                if let Some(v) = cond(&lines) {
+                    return v;
+                }
+            }
+            if self.open.load(Ordering::SeqCst) == 0 {
+                panic!(
+                    "process output ended before: {what}\n--- output ---\n{}",
+                    self.dump()
+                );
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if async_std::future::timeout(left, self.notify.changed(g))
+                .await
+                .is_err()
+            {
+                panic!(
+                    "timed out after {d:?} waiting for: {what}\n--- output ---\n{}",
+                    self.dump()
+                );
+            }
+        }
+    }
+
+    /// The first line at index ≥ `from` matching `pred`.
+    pub async fn wait_line(
+        &self,
+        what: &str,
+        from: usize,
+        d: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> (usize, Line) {
+        self.wait_until(what, d, |lines| {
+            lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| pred(&l.text))
+                .map(|(i, l)| (i, l.clone()))
+        })
+        .await
+    }
+
+    /// Waits until at least `n` lines at index ≥ `from` match; returns them.
+    pub async fn wait_count(
+        &self,
+        what: &str,
+        from: usize,
+        n: usize,
+        d: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Vec<Line> {
+        self.wait_until(what, d, |lines| {
+            let found: Vec<Line> = lines
+                .iter()
+                .skip(from)
+                .filter(|l| pred(&l.text))
+                .cloned()
+                .collect();
+            (found.len() >= n).then_some(found)
+        })
+        .await
+    }
+}
+
+/// The text after `marker` up to the next whitespace.
+pub fn word_after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    let i = line.find(marker)? + marker.len();
+    line[i..].split_whitespace().next()
+}
+
+/// `key=value` fields of a log line (an access line).
+pub fn fields(line: &str) -> BTreeMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub fn is_access(l: &str) -> bool {
+    l.contains("access session=")
+}
+
+pub fn is_down(l: &str, backend: SocketAddr) -> bool {
+    l.contains(&format!("backend {backend} in pool ")) && l.contains(" is DOWN: ")
+}
+
+pub fn is_up(l: &str, backend: SocketAddr) -> bool {
+    l.contains(&format!("backend {backend} in pool ")) && l.contains(" is UP: ")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes.
+
+/// A child process killed (SIGKILL) and reaped on drop, its stdout and stderr collected.
+pub struct Proc {
+    pub label: String,
+    child: Option<Child>,
+    pub logs: Arc<Logs>,
+}
+
+impl Proc {
+    pub fn spawn(label: &str, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {label} {cmd:?}: {e}"));
+        let logs = Arc::new(Logs::default());
+        logs.collect(child.stderr.take().unwrap());
+        logs.collect(child.stdout.take().unwrap());
+        Proc {
+            label: label.to_string(),
+            child: Some(child),
+            logs,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("process was killed").id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// SIGKILL, then reap: when this returns the process is gone and the kernel has closed
+    /// its sockets. Returns the instant the signal was sent.
+    pub fn kill(&mut self) -> Instant {
+        let mut child = self.child.take().expect("process already killed");
+        let at = Instant::now();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        at
+    }
+
+    /// Sends `-SIG` (e.g. `STOP`, `CONT`) to this process, our own child, by pid.
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -{sig} {}", self.pid());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() && !self.label.starts_with("wsgate") {
+            eprintln!("--- {} output ---\n{}", self.label, self.logs.dump());
+        }
+    }
+}
+
+/// Which example backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Ticker { interval_ms: u64 },
+}
+
+/// An example backend process (`chat_server` or `ticker_server`), restartable on its port.
+pub struct ExampleBackend {
+    pub name: String,
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    pub proc: Proc,
+    /// Earlier incarnations (killed), kept for their output.
+    pub past: Vec<Proc>,
+}
+
+impl ExampleBackend {
+    pub async fn chat(name: &str) -> ExampleBackend {
+        Self::start(name, Kind::Chat, 0).await
+    }
+
+    pub async fn ticker(name: &str, interval_ms: u64) -> ExampleBackend {
+        Self::start(name, Kind::Ticker { interval_ms }, 0).await
+    }
+
+    async fn spawn(name: &str, kind: Kind, port: u16) -> (Proc, SocketAddr) {
+        let (bin, marker) = match kind {
+            Kind::Chat => ("chat_server", format!("chat_server {name} listening on ")),
+            Kind::Ticker { .. } => ("ticker_server", format!("ticker_server {name} listening on ")),
+        };
+        let mut cmd = Command::new(example_bin(bin));
+        cmd.arg("--port")
+            .arg(port.to_string())
+            .arg("--name")
+            .arg(name)
+            .env("RUST_LOG", "warn");
+        if let Kind::Ticker { interval_ms } = kind {
+            cmd.arg("--interval-ms").arg(interval_ms.to_string());
+        }
+        let proc = Proc::spawn(name, cmd);
+        let (_, line) = proc
+            .logs
+            .wait_line(&format!("{name} ready"), 0, WAIT, |l| l.contains(&marker))
+            .await;
+        let addr: SocketAddr = word_after(&line.text, &marker)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("bad readiness line {:?}", line.text));
+        (proc, addr)
+    }
+
+    pub async fn start(name: &str, kind: Kind, port: u16) -> ExampleBackend {
+        let (proc, addr) = Self::spawn(name, kind, port).await;
+        ExampleBackend {
+            name: name.to_string(),
+            kind,
+            addr,
+            proc,
+            past: Vec::new(),
+        }
+    }
+
+    /// SIGKILL (see [`Proc::kill`]); returns the instant the signal was sent.
+    pub fn kill(&mut self) -> Instant {
+        self.proc.kill()
+    }
+
+    /// Starts the backend again on the same port; returns the instant it printed its
+    /// readiness line (it accepts from then on).
+    pub async fn restart(&mut self) -> Instant {
+        let (proc, addr) = Self::spawn(&self.name, self.kind, self.addr.port()).await;
+        assert_eq!(addr, self.addr, "restarted on another address");
+        let ready = proc.logs.lines().last().map_or(Instant::now(), |l| l.at);
+        let old = std::mem::replace(&mut self.proc, proc);
+        self.past.push(old);
+        ready
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway.
+
+pub struct Gateway {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// `wsgate --config <tmp>/config.json` with `RUST_LOG=info`; returns once its listener
+    /// (and admin, when configured) logged their addresses.
+    pub async fn start(config: Value) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+        let mut cmd = Command::new(wsgate_bin());
+        cmd.arg("--config")
+            .arg(&path)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_LOG_STYLE");
+        let proc = Proc::spawn("wsgate", cmd);
+        let name = config["listeners"][0]["name"]
+            .as_str()
+            .expect("the tests name their listener")
+            .to_string();
+        let marker = format!("listener {name} listening on ");
+        let (_, line) = proc
+            .logs
+            .wait_line("listener readiness", 0, WAIT, |l| l.contains(&marker))
+            .await;
+        let addr = parse_addr(&line.text, &marker);
+        let admin = if config.get("admin").is_some() {
+            let marker = "admin listening on ";
+            let (_, line) = proc
+                .logs
+                .wait_line("admin readiness", 0, WAIT, |l| l.contains(marker))
+                .await;
+            Some(parse_addr(&line.text, marker))
+        } else {
+            None
+        };
+        Gateway {
+            proc,
+            addr,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    pub fn logs(&self) -> &Logs {
+        &self.proc.logs
+    }
+
+    pub async fn http_get(&self, path: &str) -> String {
+        let admin = self.admin.expect("admin is not configured");
+        within(&format!("GET {path}"), WAIT, async {
+            let mut s = TcpStream::connect(admin).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.unwrap();
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+            assert!(
+                head.starts_with("HTTP/1.1 200"),
+                "GET {path}: {head}\n{body}"
+            );
+            body.to_string()
+        })
+        .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http_get("/metrics").await
+    }
+
+    pub async fn status(&self) -> Value {
+        serde_json::from_str(&self.http_get("/status").await).expect("/status is JSON")
+    }
+
+    /// Polls `/metrics` until `cond` holds (bounded by `d`); returns the last text.
+    pub async fn wait_metrics(
+        &self,
+        what: &str,
+        d: Duration,
+        cond: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + d;
+        loop {
+            let m = self.metrics().await;
+            if cond(&m) {
+                return m;
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out after {d:?} waiting for /metrics: {what}\n{m}");
+            }
+            async_std::task::sleep(ms(25)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("WSGATE_TEST_LOGS").is_some() {
+            eprintln!("--- wsgate output ---\n{}", self.proc.logs.dump());
+        }
+    }
+}
+
+fn parse_addr(line: &str, marker: &str) -> SocketAddr {
+    word_after(line, marker)
+        .map(|a| a.trim_end_matches(','))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address after {marker:?} in {line:?}"))
+}
+
+/// Sum of the series of `name` whose labels include all of `labels`; None if absent.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, lbls) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name
+            || !labels
+                .iter()
+                .all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\"")))
+        {
+            continue;
+        }
+        if let Ok(v) = value.parse::<f64>() {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket clients.
+
+pub type Ws = WebSocketStream<TcpStream>;
+
+pub struct Client {
+    pub ws: Ws,
+    /// The client's own address (the gateway logs it as `client=` in the access line).
+    pub local: SocketAddr,
+    /// TCP connect to `101` received.
+    pub handshake: Duration,
+}
+
+/// A WebSocket handshake to `ws://addr{path}` with extra headers, bounded by `d`.
+pub async fn try_connect(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    d: Duration,
+) -> Result<Client, String> {
+    let url = format!("ws://{addr}{path}");
+    let mut req = url.as_str().into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().append(
+            k.parse::<HeaderName>().unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let run = async move {
+        let started = Instant::now();
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let local = tcp.local_addr().map_err(|e| e.to_string())?;
+        let (ws, _) = async_tungstenite::client_async(req, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        Ok(Client {
+            ws,
+            local,
+            handshake: started.elapsed(),
+        })
+    };
+    match async_std::future::timeout(d, run).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("handshake with {url} took over {d:?}")),
+    }
+}
+
+pub async fn connect(addr: SocketAddr, path: &str) -> Client {
+    try_connect(addr, path, &[], WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// What a client read next.
+#[derive(Debug)]
+pub enum Recv {
+    Text(String),
+    Close(Option<u16>),
+    Ended(String),
+}
+
+impl Client {
+    pub async fn send_text(&mut self, s: &str) {
+        within("client send", WAIT, self.ws.send(Message::text(s.to_string())))
+            .await
+            .unwrap_or_else(|e| panic!("client send failed: {e}"));
+    }
+
+    /// The next text message, close, or end (pings and pongs skipped), bounded by `d`.
+    pub async fn recv_for(&mut self, d: Duration) -> Option<Recv> {
+        let next = async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Text(t))) => return Recv::Text(t.as_str().to_string()),
+                    Some(Ok(Message::Close(f))) => {
+                        return Recv::Close(f.map(|f| u16::from(f.code)))
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Recv::Ended(e.to_string()),
+                    None => return Recv::Ended("stream ended".into()),
+                }
+            }
+        };
+        async_std::future::timeout(d, next).await.ok()
+    }
+
+    /// The next text message as JSON; panics on anything else.
+    pub async fn recv_json(&mut self) -> Value {
+        match self.recv_for(WAIT).await {
+            Some(Recv::Text(t)) => serde_json::from_str(&t).unwrap_or_else(|_| json!(t)),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+
+    /// `{"echo":x}` to a chat backend; returns the backend's name.
+    pub async fn echo(&mut self, x: &str) -> String {
+        self.send_text(&json!({ "echo": x }).to_string()).await;
+        let v = self.recv_json().await;
+        assert_eq!(v["echo"], json!(x), "echo reply {v}");
+        v["backend"].as_str().unwrap().to_string()
+    }
+
+    /// A client-initiated close (1000), waiting for the gateway's close reply.
+    pub async fn close(mut self) {
+        within("client close handshake", WAIT, async {
+            self.ws.close(None).await.ok();
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await
+    }
+}
