@@ -329,7 +329,15 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Config::from_json(&text, &base)
+        let config = Config::from_json(&text, &base)?;
+        config.check_files()?;
+        Ok(config)
+    }
+
+    /// Loads every certificate, key and CA file the config names (so `--check` reports them).
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        crate::shared::Shared::new(std::sync::Arc::new(self.clone()), Default::default())
+            .map(|_| ())
     }
 
     /// A path from the file, resolved against the config file's folder.
@@ -444,6 +452,12 @@ impl Config {
                     return Err(ConfigError::new(
                         format!("{at}.backends[{i}].weight"),
                         "weight must be at least 1",
+                    ));
+                }
+                if !b.tls && (b.ca.is_some() || b.server_name.is_some()) {
+                    return Err(ConfigError::new(
+                        format!("{at}.backends[{i}].tls"),
+                        "ca and server_name need \"tls\": true",
                     ));
                 }
                 if !addrs.insert(b.address) {

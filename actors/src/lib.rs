@@ -10,6 +10,7 @@ pub mod listener;
 pub mod messages;
 pub mod metrics;
 pub mod pool;
+pub mod proxy_header;
 pub mod relay;
 pub mod route;
 pub mod rt;
@@ -40,7 +41,8 @@ pub struct Gateway {
 /// Binds every listener (a bind failure is a start-up error) and starts the actor tree.
 pub async fn start(config: Config) -> Result<Gateway, String> {
     let config = Arc::new(config);
-    let shared = Shared::new(Arc::clone(&config), Arc::new(Metrics::default()));
+    let shared = Shared::new(Arc::clone(&config), Arc::new(Metrics::default()))
+        .map_err(|e| e.to_string())?;
     let mut sockets = Vec::new();
     let mut listen_addrs = Vec::new();
     for (i, l) in config.listeners.iter().enumerate() {

@@ -26,6 +26,8 @@ use xactor::{Actor, Context, Handler, WeakAddr};
 pub struct BackendState {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Set for `wss://` backends.
+    pub tls: Option<crate::transport::BackendTls>,
     active: AtomicUsize,
     up: AtomicBool,
     sessions: Mutex<HashMap<SessionId, WeakAddr<Session>>>,
@@ -45,10 +47,11 @@ impl std::fmt::Debug for BackendState {
 }
 
 impl BackendState {
-    fn new(addr: SocketAddr, weight: u32) -> Self {
+    fn new(addr: SocketAddr, weight: u32, tls: Option<crate::transport::BackendTls>) -> Self {
         BackendState {
             addr,
             weight,
+            tls,
             active: AtomicUsize::new(0),
             up: AtomicBool::new(true),
             sessions: Mutex::new(HashMap::new()),
@@ -136,16 +139,35 @@ pub struct PoolShared {
 }
 
 impl PoolShared {
-    pub fn new(name: &str, config: &PoolConfig) -> Arc<PoolShared> {
-        Arc::new(PoolShared {
+    /// Builds the pool's backends; `base` resolves `ca` paths. Errors name the field.
+    pub fn new(
+        name: &str,
+        config: &PoolConfig,
+        base: &crate::config::Config,
+    ) -> Result<Arc<PoolShared>, crate::config::ConfigError> {
+        let mut backends = Vec::with_capacity(config.backends.len());
+        for (i, b) in config.backends.iter().enumerate() {
+            let tls = if b.tls {
+                let ca = b.ca.as_ref().map(|p| base.resolve(p));
+                let t = crate::transport::client_tls(
+                    b.address,
+                    ca.as_deref(),
+                    b.server_name.as_deref(),
+                )
+                .map_err(|e| {
+                    crate::config::ConfigError::new(format!("pools.{name}.backends[{i}].tls"), e)
+                })?;
+                Some(t)
+            } else {
+                None
+            };
+            backends.push(Arc::new(BackendState::new(b.address, b.weight, tls)));
+        }
+        Ok(Arc::new(PoolShared {
             name: name.to_string(),
             config: config.clone(),
-            backends: config
-                .backends
-                .iter()
-                .map(|b| Arc::new(BackendState::new(b.address, b.weight)))
-                .collect(),
-        })
+            backends,
+        }))
     }
 }
 

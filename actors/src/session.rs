@@ -36,7 +36,7 @@ use xactor::{Actor, Addr, Context, Handler};
 
 /// What a new session starts from: the accepted connection and where it came in.
 pub struct SessionStart {
-    pub stream: ClientStream,
+    pub stream: rt::TcpStream,
     pub peer: SocketAddr,
     pub listener: usize,
     pub shared: Arc<Shared>,
@@ -116,6 +116,8 @@ struct Run {
     listener: usize,
     peer: SocketAddr,
     started: Instant,
+    /// The accepted socket, until the PROXY header and TLS are done.
+    tcp: Option<rt::TcpStream>,
     raw: Option<ClientStream>,
     client: Option<ClientWs>,
     backend: Option<BackendWs>,
@@ -152,7 +154,8 @@ async fn run(
         listener: start.listener,
         peer: start.peer,
         started: Instant::now(),
-        raw: Some(start.stream),
+        tcp: Some(start.stream),
+        raw: None,
         client: None,
         backend: None,
         lease: None,
@@ -207,33 +210,37 @@ impl Run {
     /// Reads and checks the upgrade, dials a backend, answers 101. `false`: the client was
     /// answered with a refusal (or is gone) and the session is over.
     async fn handshake(&mut self, me: &Addr<Session>) -> bool {
+        let timeouts = self.config.timeouts;
+        let deadline = Instant::now() + timeouts.handshake();
+        if !self.open_transport(deadline).await {
+            return false;
+        }
         let Some(raw) = self.raw.as_mut() else {
             return false;
         };
-        let timeouts = self.config.timeouts;
         let mut buf = Vec::with_capacity(1024);
-        let (head, head_len) =
-            match rt::timeout(timeouts.handshake(), handshake::read_head(raw, &mut buf)).await {
-                Ok(Ok(h)) => h,
-                Ok(Err(HeadError::TooLarge)) => {
-                    return self.refuse(431, HandshakeFailure::BadRequest).await
-                }
-                Ok(Err(HeadError::Malformed)) => {
-                    return self.refuse(400, HandshakeFailure::BadRequest).await
-                }
-                Ok(Err(HeadError::Eof | HeadError::Io(_))) => return false,
-                Err(_) => {
-                    log::debug!(
-                        "session#{} {}: no complete request within handshake_ms",
-                        self.id,
-                        self.peer
-                    );
-                    self.shared
-                        .metrics
-                        .handshake_failed(HandshakeFailure::Timeout);
-                    return false;
-                }
-            };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (head, head_len) = match rt::timeout(left, handshake::read_head(raw, &mut buf)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(HeadError::TooLarge)) => {
+                return self.refuse(431, HandshakeFailure::BadRequest).await
+            }
+            Ok(Err(HeadError::Malformed)) => {
+                return self.refuse(400, HandshakeFailure::BadRequest).await
+            }
+            Ok(Err(HeadError::Eof | HeadError::Io(_))) => return false,
+            Err(_) => {
+                log::debug!(
+                    "session#{} {}: no complete request within handshake_ms",
+                    self.id,
+                    self.peer
+                );
+                self.shared
+                    .metrics
+                    .handshake_failed(HandshakeFailure::Timeout);
+                return false;
+            }
+        };
         let listener = &self.config.listeners[self.listener];
         let Some(ri) =
             crate::route::match_route(&listener.routes, head.header("host"), &head.target)
@@ -291,7 +298,7 @@ impl Run {
         let leftover = buf.split_off(head_len);
         match upstream {
             Upstream::Ws(backend, _) => {
-                self.backend = Some(backend);
+                self.backend = Some(*backend);
                 if !written {
                     self.close = Some((1006, ClosedBy::Client));
                     return false;
@@ -364,6 +371,60 @@ impl Run {
         }
     }
 
+    /// Reads the PROXY header (listeners with `proxy_protocol`) and does the TLS handshake
+    /// (listeners with `tls`), both within the handshake deadline. `false`: the connection is
+    /// dropped (no valid PROXY header, failed TLS, or too slow).
+    async fn open_transport(&mut self, deadline: Instant) -> bool {
+        let Some(mut tcp) = self.tcp.take() else {
+            return false;
+        };
+        let left = || deadline.saturating_duration_since(Instant::now());
+        if self.config.listeners[self.listener].proxy_protocol {
+            match rt::timeout(left(), crate::proxy_header::read(&mut tcp)).await {
+                Ok(Ok(Some(addr))) => self.peer = addr,
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    log::info!("session#{} {}: {e}; closing", self.id, self.peer);
+                    self.shared
+                        .metrics
+                        .handshake_failed(HandshakeFailure::BadRequest);
+                    return false;
+                }
+                Err(_) => {
+                    self.shared
+                        .metrics
+                        .handshake_failed(HandshakeFailure::Timeout);
+                    return false;
+                }
+            }
+        }
+        let acceptor = self.shared.listeners[self.listener].tls.clone();
+        self.raw = Some(match acceptor {
+            None => ClientStream::Plain(tcp),
+            Some(acceptor) => match rt::timeout(left(), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),
+                Ok(Err(e)) => {
+                    log::info!(
+                        "session#{} {}: TLS handshake failed: {e}",
+                        self.id,
+                        self.peer
+                    );
+                    self.shared
+                        .metrics
+                        .handshake_failed(HandshakeFailure::BadRequest);
+                    return false;
+                }
+                Err(_) => {
+                    self.shared
+                        .metrics
+                        .handshake_failed(HandshakeFailure::Timeout);
+                    return false;
+                }
+            },
+        });
+        true
+    }
+
     /// The handshake's backend: a dial walk whose failures become the client's answer.
     async fn connect(
         &mut self,
@@ -426,7 +487,7 @@ impl Run {
         let cfg = relay::ws_config(limits.max_message_bytes, limits.max_frame_bytes);
         let client = ClientInfo {
             ip: self.peer.ip(),
-            tls: false,
+            tls: self.shared.listeners[self.listener].tls.is_some(),
         };
         let mut lease = picked.lease;
         for (k, b) in picked.candidates.iter().enumerate() {
@@ -494,7 +555,7 @@ impl Run {
             .await;
         self.head = Some(head);
         let (mut backend, response) = match result {
-            Ok(Upstream::Ws(ws, response)) => (ws, response),
+            Ok(Upstream::Ws(ws, response)) => (*ws, response),
             Ok(Upstream::Raw(..)) => return Err("tunnel sessions do not fail over".into()),
             Err(Walk::Refused(resp)) => {
                 return Err(format!(
@@ -648,8 +709,8 @@ impl Run {
     async fn run_tunnel(&mut self, control: &mut mpsc::UnboundedReceiver<Control>) {
         let Some(t) = self.tunnel.take() else { return };
         let end = tunnel::copy_both(
-            &t.client,
-            &t.backend,
+            t.client.split(),
+            t.backend.split(),
             &t.c2b,
             &t.b2c,
             control,
@@ -822,7 +883,7 @@ enum DialError {
 /// A backend that accepted the upgrade.
 enum Upstream {
     /// Message relay: tungstenite did the client handshake.
-    Ws(BackendWs, Response),
+    Ws(Box<BackendWs>, Response),
     /// Tunnel relay: the raw socket and what the backend sent after its 101.
     Raw(BackendStream, tunnel::RawUpgrade),
 }
@@ -852,7 +913,7 @@ async fn dial(
     tunnel: bool,
 ) -> Result<Upstream, DialError> {
     let started = Instant::now();
-    let mut tcp = transport::dial(b.addr, timeout)
+    let mut tcp = transport::dial(b.addr, b.tls.as_ref(), timeout)
         .await
         .map_err(|e| DialError::Failed(format!("connect: {e}")))?;
     let left = timeout.saturating_sub(started.elapsed());
@@ -874,7 +935,7 @@ async fn dial(
     .await
     {
         Err(_) => Err(DialError::Failed("upgrade timed out (connect_ms)".into())),
-        Ok(Ok((ws, resp))) => Ok(Upstream::Ws(ws, resp)),
+        Ok(Ok((ws, resp))) => Ok(Upstream::Ws(Box::new(ws), resp)),
         Ok(Err(WsError::Http(resp))) if resp.status().is_client_error() => {
             Err(DialError::Refused(*resp))
         }

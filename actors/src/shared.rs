@@ -41,6 +41,8 @@ pub struct PoolHandle {
 pub struct ListenerHandle {
     pub name: String,
     pub addr: Slot<Listener>,
+    /// Set for `wss://` listeners.
+    pub tls: Option<futures_rustls::TlsAcceptor>,
 }
 
 pub struct Shared {
@@ -55,27 +57,39 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Shared> {
-        let pools = config
-            .pools
-            .iter()
-            .map(|(name, p)| {
-                (
-                    name.clone(),
-                    PoolHandle {
-                        shared: PoolShared::new(name, p),
-                        addr: Slot::default(),
-                    },
-                )
-            })
-            .collect();
-        let listeners = (0..config.listeners.len())
-            .map(|i| ListenerHandle {
+    /// Builds the tree's shared state, loading TLS material; errors name the config field.
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Shared>, crate::config::ConfigError> {
+        let mut pools = BTreeMap::new();
+        for (name, p) in &config.pools {
+            pools.insert(
+                name.clone(),
+                PoolHandle {
+                    shared: PoolShared::new(name, p, &config)?,
+                    addr: Slot::default(),
+                },
+            );
+        }
+        let mut listeners = Vec::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            let tls = match &l.tls {
+                Some(t) => Some(
+                    crate::transport::server_tls(&config.resolve(&t.cert), &config.resolve(&t.key))
+                        .map_err(|e| {
+                            crate::config::ConfigError::new(format!("listeners[{i}].tls"), e)
+                        })?,
+                ),
+                None => None,
+            };
+            listeners.push(ListenerHandle {
                 name: config.listener_name(i),
                 addr: Slot::default(),
-            })
-            .collect();
-        Arc::new(Shared {
+                tls,
+            });
+        }
+        Ok(Arc::new(Shared {
             config,
             metrics,
             pools,
@@ -83,7 +97,7 @@ impl Shared {
             health_checker: Slot::default(),
             per_ip: Mutex::new(HashMap::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
-        })
+        }))
     }
 
     /// Claims a session slot under `limits`, or `None` (→ 503).

@@ -1,20 +1,195 @@
-//! Transports: what a client or backend connection runs over (ranch's transport behaviour).
-//! Plain TCP today; TLS slots in here as more variants without touching sessions.
+//! Transports (ranch's transport behaviour): what a client or backend connection runs over —
+//! plain TCP, or TLS (futures-rustls, ring provider, TLS 1.2 and 1.3 only). Sessions see one
+//! enum each and never care which.
 
-use crate::rt::TcpStream;
+use crate::rt::{self, TcpStream};
+use futures::io::{AsyncRead, AsyncWrite};
+use futures_rustls::pki_types::pem::PemObject;
+use futures_rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use futures_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
+use futures_rustls::{TlsAcceptor, TlsConnector};
+use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// A client connection as the session sees it.
-pub type ClientStream = TcpStream;
-/// A backend connection as the session sees it.
-pub type BackendStream = TcpStream;
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
+}
 
-/// Dials a backend within `timeout`, with Nagle off (WebSocket frames are latency-bound).
-pub async fn dial(addr: SocketAddr, timeout: Duration) -> std::io::Result<BackendStream> {
-    let s = crate::rt::timeout(timeout, TcpStream::connect(addr))
+/// A backend connection as the session sees it.
+pub enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate_io {
+    ($t:ident) => {
+        impl AsyncRead for $t {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut [u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $t::Plain(s) => Pin::new(s).poll_read(cx, buf),
+                    $t::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+                }
+            }
+        }
+        impl AsyncWrite for $t {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $t::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                    $t::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+                }
+            }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $t::Plain(s) => Pin::new(s).poll_flush(cx),
+                    $t::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+                }
+            }
+            fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $t::Plain(s) => Pin::new(s).poll_close(cx),
+                    $t::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+                }
+            }
+        }
+    };
+}
+delegate_io!(ClientStream);
+delegate_io!(BackendStream);
+
+/// TLS settings of one backend: the connector and the name its certificate must carry.
+#[derive(Clone)]
+pub struct BackendTls {
+    pub connector: TlsConnector,
+    pub name: ServerName<'static>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// A listener's TLS acceptor from a PEM certificate chain and a PEM private key.
+pub fn server_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read certificate {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {}", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read private key {}: {e}", key.display()))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key do not fit: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A backend's TLS connector: verified against `ca` (PEM) or, without it, the Mozilla roots.
+pub fn client_tls(
+    addr: SocketAddr,
+    ca: Option<&Path>,
+    server_name: Option<&str>,
+) -> Result<BackendTls, String> {
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(ca) => {
+            let certs = CertificateDer::pem_file_iter(ca)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("cannot read CA file {}: {e}", ca.display()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!("no usable CA certificate in {}", ca.display()));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = match server_name {
+        Some(n) => ServerName::try_from(n.to_string())
+            .map_err(|e| format!("invalid server_name {n:?}: {e}"))?,
+        None => ServerName::IpAddress(addr.ip().into()),
+    };
+    Ok(BackendTls {
+        connector: TlsConnector::from(Arc::new(config)),
+        name,
+    })
+}
+
+/// Dials a backend within `timeout` (TCP and, for `wss://` backends, TLS), Nagle off
+/// (WebSocket frames are latency-bound).
+pub async fn dial(
+    addr: SocketAddr,
+    tls: Option<&BackendTls>,
+    timeout: Duration,
+) -> io::Result<BackendStream> {
+    let connect = async {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        match tls {
+            None => Ok(BackendStream::Plain(s)),
+            Some(t) => {
+                let s = t.connector.connect(t.name.clone(), s).await?;
+                Ok(BackendStream::Tls(Box::new(s)))
+            }
+        }
+    };
+    rt::timeout(timeout, connect)
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    s.set_nodelay(true)?;
-    Ok(s)
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// A read half and a write half of a connection, for the tunnel's two copy loops. Plain TCP
+/// splits without a lock (the socket is shared); TLS through futures' `split`.
+pub type Halves = (
+    Box<dyn AsyncRead + Unpin + Send>,
+    Box<dyn AsyncWrite + Unpin + Send>,
+);
+
+impl ClientStream {
+    pub fn split(self) -> Halves {
+        match self {
+            ClientStream::Plain(s) => (Box::new(s.clone()), Box::new(s)),
+            ClientStream::Tls(s) => {
+                let (r, w) = futures::AsyncReadExt::split(*s);
+                (Box::new(r), Box::new(w))
+            }
+        }
+    }
+}
+
+impl BackendStream {
+    pub fn split(self) -> Halves {
+        match self {
+            BackendStream::Plain(s) => (Box::new(s.clone()), Box::new(s)),
+            BackendStream::Tls(s) => {
+                let (r, w) = futures::AsyncReadExt::split(*s);
+                (Box::new(r), Box::new(w))
+            }
+        }
+    }
 }

@@ -9,7 +9,8 @@
 
 use crate::handshake::is_reserved_upstream_header;
 use crate::relay::Control;
-use crate::rt::{self, TcpStream};
+use crate::rt;
+use crate::transport::Halves;
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::http::{self, HeaderName, HeaderValue};
 use futures::channel::mpsc;
@@ -28,8 +29,8 @@ pub struct RawUpgrade {
 /// Sends `req` on `stream` and reads the response head within `timeout`. A 101 with the right
 /// accept key is `Ok`; any other status comes back as `Err(Ok(response))` for the caller to
 /// judge (4xx passed to the client, 5xx retried); transport problems as `Err(Err(reason))`.
-pub async fn raw_upgrade(
-    stream: &mut TcpStream,
+pub async fn raw_upgrade<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
+    stream: &mut S,
     req: &http::Request<()>,
     timeout: Duration,
 ) -> Result<RawUpgrade, Result<http::Response<Option<Vec<u8>>>, String>> {
@@ -129,8 +130,8 @@ pub enum TunnelEnd {
 /// `CLOSE_TIMEOUT` to finish, so a closing handshake passes through) or a control event
 /// arrives. `pending_c2b` and `pending_b2c` are bytes already read past the handshake heads.
 pub async fn copy_both(
-    client: &TcpStream,
-    backend: &TcpStream,
+    client: Halves,
+    backend: Halves,
     pending_c2b: &[u8],
     pending_b2c: &[u8],
     control: &mut mpsc::UnboundedReceiver<Control>,
@@ -139,8 +140,9 @@ pub async fn copy_both(
     use futures::future::{select, Either};
     let (mut c2b_total, mut b2c_total) = (0u64, 0u64);
     let end = {
-        let c2b = Box::pin(copy_one(client, backend, pending_c2b, &mut c2b_total));
-        let b2c = Box::pin(copy_one(backend, client, pending_b2c, &mut b2c_total));
+        let ((client_r, client_w), (backend_r, backend_w)) = (client, backend);
+        let c2b = Box::pin(copy_one(client_r, backend_w, pending_c2b, &mut c2b_total));
+        let b2c = Box::pin(copy_one(backend_r, client_w, pending_b2c, &mut b2c_total));
         match select(select(c2b, b2c), control.next()).await {
             Either::Left((Either::Left((r, rest)), _)) => {
                 let _ = rt::timeout(crate::relay::CLOSE_TIMEOUT, rest).await;
@@ -163,8 +165,8 @@ pub async fn copy_both(
 
 /// Copies `from` → `to` until `from` ends, then half-closes `to`.
 async fn copy_one(
-    mut from: &TcpStream,
-    mut to: &TcpStream,
+    mut from: Box<dyn futures::AsyncRead + Unpin + Send>,
+    mut to: Box<dyn futures::AsyncWrite + Unpin + Send>,
     pending: &[u8],
     total: &mut u64,
 ) -> Result<(), String> {
@@ -176,7 +178,7 @@ async fn copy_one(
     loop {
         let n = from.read(&mut buf).await.map_err(|e| e.to_string())?;
         if n == 0 {
-            let _ = to.shutdown(std::net::Shutdown::Write);
+            let _ = to.close().await;
             return Ok(());
         }
         to.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
