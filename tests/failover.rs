@@ -418,9 +418,10 @@ async fn backend_loss_close_sends_1014_and_spares_others() {
         json!({ "ping_interval_ms": 500 }),
     ))
     .await;
-    let mut on: BTreeMap<String, Vec<Client>> = BTreeMap::new();
+    // Raw clients: they see the close code as sent (see `LiveClient`) and answer pings.
+    let mut on: BTreeMap<String, Vec<LiveClient>> = BTreeMap::new();
     for i in 0..9 {
-        let mut cl = connect(gw.addr, "/").await;
+        let mut cl = LiveClient::connect(gw.addr, "/", &[], WAIT).await.unwrap();
         let who = cl.echo(&format!("hello-{i}")).await;
         on.entry(who).or_default().push(cl);
     }
@@ -432,14 +433,10 @@ async fn backend_loss_close_sends_1014_and_spares_others() {
     let on_b = on.remove("b").unwrap();
     let mut on_c = on.remove("c").unwrap();
 
-    async fn close_codes(clients: Vec<Client>, t0: Instant) -> Vec<(Option<u16>, Duration)> {
+    async fn close_codes(clients: Vec<LiveClient>, t0: Instant) -> Vec<(Option<u16>, Duration)> {
         let all = clients.into_iter().map(|mut cl| async move {
-            let r = cl.recv_for(WAIT).await;
-            let at = t0.elapsed();
-            match r {
-                Some(Recv::Close(code)) => (code, at),
-                other => panic!("expected a close frame, got {other:?}"),
-            }
+            let (at, code) = cl.close_code(WAIT).await;
+            (code, at - t0)
         });
         futures::future::join_all(all).await
     }
@@ -497,11 +494,11 @@ async fn backend_loss_close_sends_1014_and_spares_others() {
     for (i, cl) in on_c.iter_mut().enumerate() {
         assert_eq!(cl.echo(&format!("still-{i}")).await, "c");
     }
-    let mut fresh = connect(gw.addr, "/").await;
+    let mut fresh = LiveClient::connect(gw.addr, "/", &[], WAIT).await.unwrap();
     assert_eq!(fresh.echo("fresh").await, "c");
-    fresh.close().await;
+    assert_eq!(fresh.close().await, Some(1000));
     for cl in on_c {
-        cl.close().await;
+        assert_eq!(cl.close().await, Some(1000));
     }
     let access = gw
         .logs()
@@ -523,4 +520,474 @@ async fn backend_loss_close_sends_1014_and_spares_others() {
         vec![("1000".to_string(), "client".to_string()); 4]
     );
     b.proc.signal("CONT");
+}
+
+/// What one ticker client saw after the kill.
+struct TickerRun {
+    local: SocketAddr,
+    /// `n` → when it was sent.
+    sent: BTreeMap<u64, Instant>,
+    /// Every message received, in order, as JSON.
+    got: Vec<(Instant, Value)>,
+    /// A close or end of the connection, if any (none expected).
+    ended: Option<Event>,
+}
+
+/// Bullet 4. `on_backend_loss: reconnect`, `replay_first_messages: 1`, two `ticker_server`
+/// processes (ticks every 100 ms), `ip_hash` so all 50 clients (all from 127.0.0.1) sit on the
+/// same backend V. Each client subscribes to its own symbol, gets a tick from V, sends
+/// `{"n":1..3}` and gets V's acks. SIGKILL V; once it is reaped, every client sends `{"n":4}`
+/// … `{"n":33}`, one every 10 ms, then — after the test has read all 50 failover lines —
+/// `{"n":34..36}`. Asserted for every client:
+/// * the connection stays open (no close, no end);
+/// * it gets a tick from the other backend W within 1 s of the kill, and from then on only
+///   ticks of ITS symbol from W, `seq` 1, 2, 3… with no gap: W got the replayed subscribe
+///   (the client never subscribed again) on a fresh connection;
+/// * acks: every post-kill ack comes from W, `n` strictly increasing, each at most once, and
+///   the acked `n` form one run `j..=36` (everything after the first delivered message is
+///   delivered, in order); a message `4..j` missing from the run is a message SPEC §2 allows
+///   to be lost — the gateway wrote it to V before it noticed V was gone — so each one must
+///   have been sent before that session's failover line was read (sent after it, it could
+///   only have gone to W); 34..36 are always delivered;
+/// * exactly one `failed over from V to W (replayed 1 messages)` line per session, access
+///   lines with `failovers=1 backend=W close=1000`, `wsgate_failovers_total 50`.
+#[async_std::test]
+async fn reconnect_replays_subscribe_and_keeps_client_messages_in_order() {
+    let _serial = SERIAL.lock().await;
+    const N: usize = 50;
+    let mut tickers = vec![
+        ExampleBackend::ticker("tick-a", 100).await,
+        ExampleBackend::ticker("tick-b", 100).await,
+    ];
+    let addrs: Vec<SocketAddr> = tickers.iter().map(|t| t.addr).collect();
+    let gw = Gateway::start(config(
+        json!({ "balance": "ip_hash", "backends": backends_json(&addrs),
+                "on_backend_loss": "reconnect", "replay_first_messages": 1 }),
+        json!({}),
+    ))
+    .await;
+    let sym = |i: usize| format!("S{i:02}");
+    let mut clients = Vec::new();
+    for i in 0..N {
+        let cl = LiveClient::connect(gw.addr, "/", &[], WAIT).await.unwrap();
+        cl.send(&json!({ "subscribe": [sym(i)] }).to_string());
+        clients.push(cl);
+    }
+    // First tick of each client's symbol: they all sit on one backend.
+    let mut homes = BTreeSet::new();
+    let mut last_tick_before = vec![Instant::now(); N];
+    for (i, cl) in clients.iter_mut().enumerate() {
+        let v = cl.next_json().await;
+        assert_eq!((&v["symbol"], &v["seq"]), (&json!(sym(i)), &json!(1)), "{v}");
+        homes.insert(v["backend"].as_str().unwrap().to_string());
+    }
+    assert_eq!(homes.len(), 1, "ip_hash spread one client IP: {homes:?}");
+    let v_name = homes.into_iter().next().unwrap();
+    let (vi, wi) = if v_name == "tick-a" { (0, 1) } else { (1, 0) };
+    let w_name = tickers[wi].name.clone();
+    // Numbered messages 1..3, acked by V in order (ticks interleave).
+    for cl in &clients {
+        for n in 1..=3 {
+            cl.send(&json!({ "n": n }).to_string());
+        }
+    }
+    for (i, cl) in clients.iter_mut().enumerate() {
+        let mut acks = Vec::new();
+        while acks.len() < 3 {
+            let v = cl.next_json().await;
+            assert_eq!(v["backend"], json!(v_name), "{v}");
+            if v.get("ack").is_some() {
+                acks.push(v["ack"]["n"].as_u64().unwrap());
+            } else {
+                assert_eq!(v["symbol"], json!(sym(i)), "{v}");
+                last_tick_before[i] = Instant::now();
+            }
+        }
+        assert_eq!(acks, [1, 2, 3]);
+    }
+
+    let from = gw.logs().len();
+    let killed = tickers[vi].kill();
+    let (go_tx, go_rx) = futures::channel::oneshot::channel::<()>();
+    let go = futures::FutureExt::shared(go_rx);
+    let runs: Vec<task::JoinHandle<TickerRun>> = clients
+        .into_iter()
+        .map(|mut cl| {
+            let go = go.clone();
+            task::spawn(async move {
+                let tx = cl.sender();
+                let send = async move {
+                    let mut sent = BTreeMap::new();
+                    for n in 4..=33u64 {
+                        sent.insert(n, Instant::now());
+                        tx.send(&json!({ "n": n }).to_string());
+                        task::sleep(ms(10)).await;
+                    }
+                    let _ = go.await;
+                    for n in 34..=36u64 {
+                        sent.insert(n, Instant::now());
+                        tx.send(&json!({ "n": n }).to_string());
+                    }
+                    sent
+                };
+                let recv = async {
+                    let mut got = Vec::new();
+                    let deadline = Instant::now() + WAIT;
+                    loop {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match cl.next(left).await {
+                            Some((at, Event::Text(t))) => {
+                                let v: Value = serde_json::from_str(&t).unwrap();
+                                let last = v["ack"]["n"] == json!(36);
+                                got.push((at, v));
+                                if last {
+                                    return (got, None, cl);
+                                }
+                            }
+                            Some((_, ev)) => return (got, Some(ev), cl),
+                            None => return (got, Some(Event::Ended("timeout".into())), cl),
+                        }
+                    }
+                };
+                let (sent, (got, ended, cl)) = futures::join!(send, recv);
+                let local = cl.local;
+                assert_eq!(cl.close().await, Some(1000));
+                TickerRun {
+                    local,
+                    sent,
+                    got,
+                    ended,
+                }
+            })
+        })
+        .collect();
+    let failovers = gw
+        .logs()
+        .wait_count("50 failover lines", from, N, WAIT, |l| {
+            l.contains(" failed over from ")
+        })
+        .await;
+    let all_failed_over = failovers.iter().map(|l| l.at).max().unwrap();
+    go_tx.send(()).unwrap();
+    let mut results = Vec::new();
+    for r in runs {
+        results.push(r.await);
+    }
+    gw.logs()
+        .wait_count("50 access lines", 0, N, WAIT, is_access)
+        .await;
+    let ids = sessions_by_client(&gw);
+    let failover_at: HashMap<u64, Instant> = failovers
+        .iter()
+        .map(|l| (word_after(&l.text, "session#").unwrap().parse().unwrap(), l.at))
+        .collect();
+
+    let expected_line = format!(
+        "failed over from {} to {} (replayed 1 messages)",
+        addrs[vi], addrs[wi]
+    );
+    for l in &failovers {
+        assert!(l.text.contains(&expected_line), "{}", l.text);
+    }
+    assert_eq!(failover_at.len(), N, "one failover line per session");
+    let (mut first_w_max, mut gap_max, mut lost_total, mut switch_msgs) =
+        (Duration::ZERO, Duration::ZERO, 0, 0);
+    for (_, l) in gw.logs().matching(0, is_access) {
+        let f = fields(&l.text);
+        assert_eq!(
+            (f["failovers"].as_str(), f["backend"].as_str(), f["close"].as_str()),
+            ("1", addrs[wi].to_string().as_str(), "1000"),
+            "{}",
+            l.text
+        );
+    }
+    for (i, r) in results.iter().enumerate() {
+        assert!(r.ended.is_none(), "client {i}: {:?}", r.ended);
+        let mut seen_w = false;
+        let mut seqs = Vec::new();
+        let mut acks = Vec::new();
+        let mut first_w = None;
+        for (at, v) in &r.got {
+            let from_w = v["backend"] == json!(w_name);
+            assert!(from_w || !seen_w, "client {i}: V after W: {v}");
+            seen_w |= from_w;
+            if let Some(ack) = v.get("ack") {
+                assert!(from_w, "client {i}: a post-kill ack from the dead backend: {v}");
+                acks.push(ack["n"].as_u64().unwrap());
+            } else if from_w {
+                assert_eq!(v["symbol"], json!(sym(i)), "client {i}: {v}");
+                seqs.push(v["seq"].as_u64().unwrap());
+                first_w.get_or_insert(*at);
+            } else {
+                last_tick_before[i] = *at;
+            }
+        }
+        let first_w = first_w.unwrap_or_else(|| panic!("client {i}: no tick from {w_name}"));
+        first_w_max = first_w_max.max(first_w - killed);
+        gap_max = gap_max.max(first_w - last_tick_before[i]);
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "client {i}: W's ticks"
+        );
+        assert!(
+            acks.windows(2).all(|w| w[0] < w[1]),
+            "client {i}: acks out of order or repeated: {acks:?}"
+        );
+        let j = acks[0];
+        assert_eq!(
+            acks,
+            (j..=36).collect::<Vec<_>>(),
+            "client {i}: not one run up to 36"
+        );
+        // Lost messages 4..j: each sent before the gateway had switched this session.
+        let id = ids[&r.local];
+        let switched = failover_at[&id];
+        for n in 4..j {
+            assert!(
+                r.sent[&n] < switched,
+                "client {i} (session#{id}): message {n} lost although sent {} ms after the \
+                 failover line",
+                millis(r.sent[&n] - switched)
+            );
+        }
+        lost_total += (j - 4) as usize;
+        switch_msgs += r.sent.values().filter(|t| **t <= switched).count();
+    }
+    eprintln!(
+        "bullet 4: 50/50 sessions failed over {v_name} → {w_name} and stayed open; all 50 \
+         failover lines within {} ms of the kill; first tick from {w_name} ≤ {} ms after the \
+         kill; max tick gap {} ms; {switch_msgs} client messages sent between the kill and their session's failover line, \
+         {lost_total} lost (written to the dead backend before the gateway noticed)",
+        millis(all_failed_over - killed),
+        millis(first_w_max),
+        millis(gap_max)
+    );
+    assert!(first_w_max <= ms(1000), "first tick from W {first_w_max:?}");
+    assert_eq!(
+        metric(&gw.metrics().await, "wsgate_failovers_total", &[]),
+        Some(N as f64)
+    );
+}
+
+/// Per-run counts of the flapping test's clients.
+#[derive(Default)]
+struct Churn {
+    sessions: AtomicUsize,
+    echoes: AtomicUsize,
+    lost_echoes: AtomicUsize,
+}
+
+/// One churning client: sessions of three echoes each, until `stop`. Every handshake must
+/// succeed and the gateway must never end a session (reconnect always finds the stable
+/// backend); an echo may go unanswered only if its backend died with it (SPEC §2).
+async fn churn(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, c: Arc<Churn>) {
+    let mut k = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let mut cl = LiveClient::connect(addr, "/", &[], WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("client {id}: {e}"));
+        c.sessions.fetch_add(1, Ordering::SeqCst);
+        for e in 0..3 {
+            let tag = format!("{id}-{k}-{e}");
+            cl.send(&json!({ "echo": tag }).to_string());
+            let deadline = Instant::now() + ms(1000);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match cl.next(left).await {
+                    Some((_, Event::Text(t))) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        if v["echo"] == json!(tag) {
+                            c.echoes.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                    Some((_, ev)) => panic!("client {id}: the gateway ended a session: {ev:?}"),
+                    None => {
+                        c.lost_echoes.fetch_add(1, Ordering::SeqCst);
+                        break;
+                    }
+                }
+            }
+            task::sleep(ms(10)).await;
+        }
+        assert_eq!(cl.close().await, Some(1000), "client {id}");
+        k += 1;
+        task::sleep(ms(20 + (id as u64 * 7) % 60)).await;
+    }
+}
+
+/// Bullet 5. A chat backend process that is up 300 ms, down 300 ms (SIGKILL, restarted on its
+/// port) for 10 s, next to a stable one; websocket checks every 100 ms, `on_backend_loss:
+/// reconnect`; 50 clients open sessions, echo, close, again and again meanwhile. Asserted:
+/// every handshake succeeds and no session is ended by the gateway; no `panic` in the
+/// gateway's log; afterwards `wsgate_sessions_active` and every `wsgate_backend_sessions`
+/// return to 0, `wsgate_sessions_total` and the access lines both equal the sessions the
+/// clients opened (none leaked, none counted twice), and `/status` shows the flapper up.
+#[async_std::test]
+async fn flapping_backend_leaks_nothing_and_ends_up() {
+    let _serial = SERIAL.lock().await;
+    let stable = ExampleBackend::chat("stable").await;
+    let mut flapper = ExampleBackend::chat("flapper").await;
+    let gw = Gateway::start(config(
+        json!({ "balance": "round_robin", "backends": backends_json(&[stable.addr, flapper.addr]),
+                "health_check": ws_check(100), "on_backend_loss": "reconnect" }),
+        json!({ "ping_interval_ms": 500 }),
+    ))
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(Churn::default());
+    let clients: Vec<_> = (0..50)
+        .map(|id| task::spawn(churn(gw.addr, id, Arc::clone(&stop), Arc::clone(&counts))))
+        .collect();
+    let until = Instant::now() + ms(10_000);
+    let mut cycles = 0;
+    while Instant::now() < until {
+        task::sleep(ms(300)).await;
+        flapper.kill();
+        task::sleep(ms(300)).await;
+        flapper.restart().await;
+        cycles += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    within("50 clients finish", WAIT, futures::future::join_all(clients)).await;
+    let opened = counts.sessions.load(Ordering::SeqCst);
+
+    let m = gw
+        .wait_metrics("no live session left", WAIT, |m| {
+            metric(m, "wsgate_sessions_active", &[]) == Some(0.0)
+                && metric(m, "wsgate_backend_sessions", &[]) == Some(0.0)
+        })
+        .await;
+    gw.logs()
+        .wait_count("an access line per session", 0, opened, WAIT, is_access)
+        .await;
+    let deadline = Instant::now() + ms(3000);
+    let status = loop {
+        let s = gw.status().await;
+        if s["pools"]["p"]["backends"][1]["health"] == json!("up") || Instant::now() > deadline {
+            break s;
+        }
+        task::sleep(ms(50)).await;
+    };
+    let log = gw.logs().dump();
+    let downs = gw.logs().count(|l| is_down(l, flapper.addr));
+    let ups = gw.logs().count(|l| is_up(l, flapper.addr));
+    let failovers = metric(&m, "wsgate_failovers_total", &[]).unwrap();
+    eprintln!(
+        "bullet 5: {cycles} kill/restart cycles; {opened} sessions, {} echoes answered, {} \
+         lost with a dying backend; flapper DOWN {downs}× / UP {ups}×; {failovers} failovers",
+        counts.echoes.load(Ordering::SeqCst),
+        counts.lost_echoes.load(Ordering::SeqCst)
+    );
+    assert!(
+        !log.to_ascii_lowercase().contains("panic"),
+        "the gateway logged a panic"
+    );
+    assert_eq!(
+        metric(&m, "wsgate_sessions_total", &[]),
+        Some(opened as f64)
+    );
+    assert_eq!(gw.logs().count(is_access), opened);
+    assert_eq!(status["sessions_active"], json!(0));
+    assert_eq!(
+        status["pools"]["p"]["backends"],
+        json!([
+            { "address": stable.addr.to_string(), "weight": 1, "health": "up", "sessions": 0 },
+            { "address": flapper.addr.to_string(), "weight": 1, "health": "up", "sessions": 0 },
+        ])
+    );
+    assert!(cycles >= 15, "{cycles} cycles");
+    assert!(downs >= 1 && ups >= 1, "the checks never saw the flapping");
+    assert!(failovers >= 1.0, "no live session was on the flapper when it died");
+}
+
+/// Bullet 6 (binary built with `fault-injection`: the test is compiled only then, and
+/// cargo builds the binary with the same features). A client upgrade with
+/// `X-Wsgate-Fault: crash-health-checker` makes the health checker panic: the log shows
+/// `supervisor: health_checker failed` then `supervisor: health_checker restarted`,
+/// `wsgate_actor_restarts_total` is 1, the crashing client's session still echoes; checks
+/// resume: with passive ejection off (so only a check can see it), a backend killed after
+/// the restart is DOWN within `unhealthy_after × interval + timeout` (+ `MARGIN`), and UP
+/// again after a restart.
+#[cfg(feature = "fault-injection")]
+#[async_std::test]
+async fn crashed_health_checker_restarted_and_checks_resume() {
+    let _serial = SERIAL.lock().await;
+    let mut bs = vec![
+        ExampleBackend::chat("c1").await,
+        ExampleBackend::chat("c2").await,
+    ];
+    let gw = Gateway::start(config(
+        json!({ "balance": "round_robin", "backends": backends_json(&[bs[0].addr, bs[1].addr]),
+                "health_check": ws_check(200), "passive": { "max_fails": 0 } }),
+        json!({}),
+    ))
+    .await;
+    assert_eq!(
+        metric(&gw.metrics().await, "wsgate_actor_restarts_total", &[]),
+        Some(0.0)
+    );
+    let mut crasher = LiveClient::connect(
+        gw.addr,
+        "/",
+        &[("X-Wsgate-Fault", "crash-health-checker")],
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let (failed_at, failed) = gw
+        .logs()
+        .wait_line("health_checker failed", 0, WAIT, |l| {
+            l.contains("supervisor: health_checker failed")
+        })
+        .await;
+    let (_, restarted) = gw
+        .logs()
+        .wait_line("health_checker restarted", failed_at, WAIT, |l| {
+            l.contains("supervisor: health_checker restarted")
+        })
+        .await;
+    eprintln!(
+        "bullet 6: health checker restarted {} ms after its failure was logged",
+        millis(restarted.at - failed.at)
+    );
+    assert_eq!(
+        metric(&gw.metrics().await, "wsgate_actor_restarts_total", &[]),
+        Some(1.0)
+    );
+    let home = crasher.echo("still here").await;
+    // Kill the backend the crasher is not on: only a health check can notice it.
+    let victim = &mut bs[if home == "c1" { 1 } else { 0 }];
+    let from = gw.logs().len();
+    let killed = victim.kill();
+    let (_, down) = gw
+        .logs()
+        .wait_line("DOWN after the restart", from, WAIT, |l| {
+            is_down(l, victim.addr)
+        })
+        .await;
+    let detection = down.at - killed;
+    let from = gw.logs().len();
+    let ready = victim.restart().await;
+    let (_, up) = gw
+        .logs()
+        .wait_line("UP again", from, WAIT, |l| is_up(l, victim.addr))
+        .await;
+    eprintln!(
+        "bullet 6: after the restart, SIGKILL → DOWN in {} ms ({}); restart → UP in {} ms",
+        millis(detection),
+        down.text.split_once(" is DOWN: ").unwrap().1,
+        millis(up.at.saturating_duration_since(ready))
+    );
+    let bound = ms(2 * 200 + 200) + MARGIN;
+    assert!(detection <= bound, "DOWN {detection:?}; bound {bound:?}");
+    assert!(up.at.saturating_duration_since(ready) <= ms(2 * 220) + MARGIN);
+    assert_eq!(crasher.echo("after all").await, home);
+    assert_eq!(crasher.close().await, Some(1000));
+    assert_eq!(
+        gw.logs().count(|l| l.contains("supervisor: health_checker")),
+        2,
+        "one failure, one restart"
+    );
 }

@@ -12,6 +12,7 @@ pub use async_tungstenite::tungstenite::Message;
 pub use serde_json::{json, Value};
 
 use async_std::net::TcpStream;
+use async_std::task;
 use async_tungstenite::tungstenite::client::IntoClientRequest;
 use async_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use async_tungstenite::WebSocketStream;
@@ -391,7 +392,27 @@ impl ExampleBackend {
         Self::start(name, Kind::Ticker { interval_ms }, 0).await
     }
 
-    async fn spawn(name: &str, kind: Kind, port: u16) -> (Proc, SocketAddr) {
+    /// Starts the process; on a port still taken (`cannot listen`), tries again a few times.
+    async fn spawn(name: &str, kind: Kind, port: u16) -> (Proc, SocketAddr, Instant) {
+        let mut tries = 0;
+        loop {
+            match Self::try_spawn(name, kind, port).await {
+                Ok(ok) => return ok,
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    eprintln!("{name}: {e}; trying again");
+                    task::sleep(ms(50)).await;
+                }
+                Err(e) => panic!("{name}: {e}"),
+            }
+        }
+    }
+
+    async fn try_spawn(
+        name: &str,
+        kind: Kind,
+        port: u16,
+    ) -> Result<(Proc, SocketAddr, Instant), String> {
         let (bin, marker) = match kind {
             Kind::Chat => ("chat_server", format!("chat_server {name} listening on ")),
             Kind::Ticker { .. } => ("ticker_server", format!("ticker_server {name} listening on ")),
@@ -406,18 +427,29 @@ impl ExampleBackend {
             cmd.arg("--interval-ms").arg(interval_ms.to_string());
         }
         let proc = Proc::spawn(name, cmd);
-        let (_, line) = proc
+        let line = proc
             .logs
-            .wait_line(&format!("{name} ready"), 0, WAIT, |l| l.contains(&marker))
-            .await;
-        let addr: SocketAddr = word_after(&line.text, &marker)
+            .wait_until(&format!("{name} ready"), WAIT, |lines| {
+                lines.iter().find_map(|l| {
+                    if l.text.contains(&marker) {
+                        Some(Ok((l.text.clone(), l.at)))
+                    } else if l.text.contains("cannot listen") {
+                        Some(Err(l.text.clone()))
+                    } else {
+                        None
+                    }
+                })
+            })
+            .await?;
+        let (line, ready) = line;
+        let addr: SocketAddr = word_after(&line, &marker)
             .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("bad readiness line {:?}", line.text));
-        (proc, addr)
+            .unwrap_or_else(|| panic!("bad readiness line {line:?}"));
+        Ok((proc, addr, ready))
     }
 
     pub async fn start(name: &str, kind: Kind, port: u16) -> ExampleBackend {
-        let (proc, addr) = Self::spawn(name, kind, port).await;
+        let (proc, addr, _) = Self::spawn(name, kind, port).await;
         ExampleBackend {
             name: name.to_string(),
             kind,
@@ -435,9 +467,8 @@ impl ExampleBackend {
     /// Starts the backend again on the same port; returns the instant it printed its
     /// readiness line (it accepts from then on).
     pub async fn restart(&mut self) -> Instant {
-        let (proc, addr) = Self::spawn(&self.name, self.kind, self.addr.port()).await;
+        let (proc, addr, ready) = Self::spawn(&self.name, self.kind, self.addr.port()).await;
         assert_eq!(addr, self.addr, "restarted on another address");
-        let ready = proc.logs.lines().last().map_or(Instant::now(), |l| l.at);
         let old = std::mem::replace(&mut self.proc, proc);
         self.past.push(old);
         ready
@@ -698,9 +729,290 @@ impl Client {
     /// A client-initiated close (1000), waiting for the gateway's close reply.
     pub async fn close(mut self) {
         within("client close handshake", WAIT, async {
-            self.ws.close(None).await.ok();
+            let frame = CloseFrame {
+                code: 1000.into(),
+                reason: "".into(),
+            };
+            self.ws.close(Some(frame)).await.ok();
             while let Some(Ok(_)) = self.ws.next().await {}
         })
         .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A raw WebSocket client that sees close codes as sent on the wire (tungstenite 0.30 turns a
+// received 1014 into 1002 "Protocol violation": `CloseCode::from(1014)` is `Bad(1014)`, not
+// allowed), answers pings at once from its own reader task (so an idle session stays alive
+// under `ping_interval_ms`), and timestamps everything it receives.
+
+/// What a [`LiveClient`] received.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Text(String),
+    /// A close frame: its code (None if it had no payload) and reason.
+    Close(Option<u16>, String),
+    /// The connection ended without a close frame, or failed.
+    Ended(String),
+}
+
+enum Out {
+    Text(String),
+    Pong(Vec<u8>),
+    Close(u16),
+}
+
+#[derive(Clone)]
+pub struct Sender(futures::channel::mpsc::UnboundedSender<Out>);
+
+impl Sender {
+    pub fn send(&self, text: &str) {
+        let _ = self.0.unbounded_send(Out::Text(text.to_string()));
+    }
+}
+
+pub struct LiveClient {
+    out: futures::channel::mpsc::UnboundedSender<Out>,
+    events: futures::channel::mpsc::UnboundedReceiver<(Instant, Event)>,
+    pub local: SocketAddr,
+    /// TCP connect to `101` read.
+    pub handshake: Duration,
+}
+
+fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5a, 0x17, 0xc3, 0x8e];
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+struct FrameReader {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    async fn fill(&mut self, n: usize) -> std::io::Result<()> {
+        let mut chunk = [0u8; 4096];
+        while self.buf.len() < n {
+            let k = self.stream.read(&mut chunk).await?;
+            if k == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.buf.extend_from_slice(&chunk[..k]);
+        }
+        Ok(())
+    }
+
+    /// One frame: (fin, opcode, payload).
+    async fn frame(&mut self) -> std::io::Result<(bool, u8, Vec<u8>)> {
+        self.fill(2).await?;
+        let (b0, b1) = (self.buf[0], self.buf[1]);
+        let masked = b1 & 0x80 != 0;
+        let (mut len, mut at) = ((b1 & 0x7f) as usize, 2);
+        if len == 126 {
+            self.fill(4).await?;
+            len = u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize;
+            at = 4;
+        } else if len == 127 {
+            self.fill(10).await?;
+            len = u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize;
+            at = 10;
+        }
+        let key_len = if masked { 4 } else { 0 };
+        self.fill(at + key_len + len).await?;
+        let key: Vec<u8> = self.buf[at..at + key_len].to_vec();
+        let mut payload: Vec<u8> = self.buf[at + key_len..at + key_len + len].to_vec();
+        if masked {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= key[i % 4];
+            }
+        }
+        self.buf.drain(..at + key_len + len);
+        Ok((b0 & 0x80 != 0, b0 & 0x0f, payload))
+    }
+}
+
+impl LiveClient {
+    /// Upgrade on `ws://addr{path}` with extra headers, bounded by `d`.
+    pub async fn connect(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        d: Duration,
+    ) -> Result<LiveClient, String> {
+        let mut req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        let run = async {
+            let started = Instant::now();
+            let mut stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            let local = stream.local_addr().map_err(|e| e.to_string())?;
+            stream
+                .write_all(req.as_bytes())
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let end = loop {
+                let k = stream
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|e| format!("read: {e}"))?;
+                if k == 0 {
+                    return Err(format!(
+                        "connection closed during the handshake: {:?}",
+                        String::from_utf8_lossy(&buf)
+                    ));
+                }
+                buf.extend_from_slice(&chunk[..k]);
+                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break p + 4;
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            if !head.starts_with("HTTP/1.1 101") {
+                return Err(format!("upgrade refused: {}", head.lines().next().unwrap()));
+            }
+            buf.drain(..end);
+            Ok((stream, buf, local, started.elapsed()))
+        };
+        let (stream, leftover, local, handshake) = async_std::future::timeout(d, run)
+            .await
+            .map_err(|_| format!("handshake with {addr} took over {d:?}"))??;
+        let (out_tx, mut out_rx) = futures::channel::mpsc::unbounded::<Out>();
+        let (ev_tx, events) = futures::channel::mpsc::unbounded();
+        let mut writer = stream.clone();
+        task::spawn(async move {
+            while let Some(o) = out_rx.next().await {
+                let (bytes, last) = match o {
+                    Out::Text(t) => (frame(0x1, t.as_bytes()), false),
+                    Out::Pong(p) => (frame(0xA, &p), false),
+                    Out::Close(code) => (frame(0x8, &code.to_be_bytes()), true),
+                };
+                if writer.write_all(&bytes).await.is_err() || last {
+                    break;
+                }
+            }
+            // Sender dropped or close sent: stop writing. The reader ends the connection.
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+        });
+        let pong = out_tx.clone();
+        task::spawn(async move {
+            let mut r = FrameReader {
+                stream,
+                buf: leftover,
+            };
+            let mut message: Vec<u8> = Vec::new();
+            loop {
+                let ev = match r.frame().await {
+                    Err(e) => Event::Ended(e.to_string()),
+                    Ok((_, 0x9, p)) => {
+                        let _ = pong.unbounded_send(Out::Pong(p));
+                        continue;
+                    }
+                    Ok((_, 0xA, _)) => continue,
+                    Ok((_, 0x8, p)) => {
+                        let code = (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
+                        let reason = String::from_utf8_lossy(p.get(2..).unwrap_or(&[])).into_owned();
+                        // Answer a close we did not start (echo its code); ours is already sent.
+                        let _ = pong.unbounded_send(Out::Close(code.unwrap_or(1000)));
+                        Event::Close(code, reason)
+                    }
+                    Ok((fin, _, p)) => {
+                        message.extend_from_slice(&p);
+                        if !fin {
+                            continue;
+                        }
+                        Event::Text(String::from_utf8_lossy(&std::mem::take(&mut message)).into_owned())
+                    }
+                };
+                let end = !matches!(ev, Event::Text(_));
+                let _ = ev_tx.unbounded_send((Instant::now(), ev));
+                if end {
+                    break;
+                }
+            }
+            // The writer half-closes after its close frame; dropping both clones closes.
+        });
+        Ok(LiveClient {
+            out: out_tx,
+            events,
+            local,
+            handshake,
+        })
+    }
+
+    pub fn send(&self, text: &str) {
+        let _ = self.out.unbounded_send(Out::Text(text.to_string()));
+    }
+
+    /// A handle that sends text while another task reads this client's events.
+    pub fn sender(&self) -> Sender {
+        Sender(self.out.clone())
+    }
+
+    /// The next event, waiting up to `d`; None on timeout (and after the end).
+    pub async fn next(&mut self, d: Duration) -> Option<(Instant, Event)> {
+        async_std::future::timeout(d, self.events.next())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The next text message as JSON; panics on anything else.
+    pub async fn next_json(&mut self) -> Value {
+        match self.next(WAIT).await {
+            Some((_, Event::Text(t))) => serde_json::from_str(&t).unwrap_or_else(|_| json!(t)),
+            other => panic!("{}: expected a text message, got {other:?}", self.local),
+        }
+    }
+
+    /// `{"echo":x}` to a chat backend; returns the backend's name.
+    pub async fn echo(&mut self, x: &str) -> String {
+        self.send(&json!({ "echo": x }).to_string());
+        let v = self.next_json().await;
+        assert_eq!(v["echo"], json!(x), "echo reply {v}");
+        v["backend"].as_str().unwrap().to_string()
+    }
+
+    /// The close frame's code (what the gateway sent), skipping text; panics on timeout or
+    /// on an end without a close frame.
+    pub async fn close_code(&mut self, d: Duration) -> (Instant, Option<u16>) {
+        let deadline = Instant::now() + d;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left).await {
+                Some((_, Event::Text(_))) => continue,
+                Some((at, Event::Close(code, _))) => return (at, code),
+                other => panic!("{}: expected a close frame, got {other:?}", self.local),
+            }
+        }
+    }
+
+    /// Client-initiated close 1000; returns the code of the gateway's reply.
+    pub async fn close(mut self) -> Option<u16> {
+        let _ = self.out.unbounded_send(Out::Close(1000));
+        self.close_code(WAIT).await.1
     }
 }
