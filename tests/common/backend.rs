@@ -281,8 +281,11 @@ async fn serve(stream: TcpStream, peer: SocketAddr, opts: BackendOpts, s: Arc<Sh
     if let Mode::RawFrames = opts.mode {
         return serve_raw(stream, peer, s).await;
     }
-    let slot: Arc<Mutex<Option<ConnRecord>>> = Arc::new(Mutex::new(None));
+    // The record is stored when the request arrives, before the answer is written, so
+    // whoever sees the answer (the gateway, then the client) can rely on it being there.
+    let slot: Arc<Mutex<Option<usize>>> = Arc::new(Mutex::new(None));
     let slot2 = slot.clone();
+    let s2 = s.clone();
     let mode = opts.mode.clone();
     let protocols = opts.protocols.clone();
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
@@ -324,30 +327,31 @@ async fn serve(stream: TcpStream, peer: SocketAddr, opts: BackendOpts, s: Arc<Sh
                 Ok(resp)
             }
         };
-        *slot2.lock().unwrap() = Some(rec);
+        let idx = {
+            let mut c = s2.conns.lock().unwrap();
+            c.push(rec);
+            c.len() - 1
+        };
+        *slot2.lock().unwrap() = Some(idx);
+        s2.notify.notify();
         result
     };
     let handshake = async_tungstenite::accept_hdr_async(stream, callback).await;
-    let rec = slot.lock().unwrap().take();
-    let Some(mut rec) = rec else {
-        return; // not even a request head (e.g. a TCP health check)
+    let Some(idx) = slot.lock().unwrap().take() else {
+        return; // not even a valid request head (e.g. a TCP health check)
     };
     let mut ws = match handshake {
         Ok(ws) => ws,
         Err(e) => {
-            rec.ended = true;
-            if rec.status == 101 {
-                rec.error = Some(format!("handshake: {e}"));
+            let mut c = s.conns.lock().unwrap();
+            c[idx].ended = true;
+            if c[idx].status == 101 {
+                c[idx].error = Some(format!("handshake: {e}"));
             }
-            s.conns.lock().unwrap().push(rec);
+            drop(c);
             s.notify.notify();
             return;
         }
-    };
-    let idx = {
-        let mut c = s.conns.lock().unwrap();
-        c.push(rec);
-        c.len() - 1
     };
     s.live.fetch_add(1, Ordering::SeqCst);
     s.notify.notify();
