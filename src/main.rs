@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     match wsgate_actors::rt::block_on(wsgate::serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e}");
+            // One line on stderr (SPEC §1), not also a log record.
             eprintln!("{e}");
             ExitCode::FAILURE
         }

@@ -146,3 +146,33 @@ pub struct HealthReport {
     pub up: bool,
     pub cause: String,
 }
+
+/// Apply a validated config: a new shared generation and sockets bound for new or moved
+/// listeners (bound beforehand, so a bind error leaves everything as it was).
+#[message]
+pub struct Reload {
+    pub shared: Arc<crate::shared::Shared>,
+    pub sockets: std::collections::HashMap<String, Arc<crate::rt::TcpListener>>,
+}
+impl Debug for Reload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&String> = self.sockets.keys().collect();
+        write!(
+            f,
+            "Reload {{ pools: {:?}, new sockets: {names:?} }}",
+            self.shared.pools.keys().collect::<Vec<_>>()
+        )
+    }
+}
+
+/// `drain_ms` after a reload removed backends: hand their remaining sessions to `on_backend_loss`.
+#[message]
+pub struct DrainExpired {
+    pub backends: Vec<Arc<BackendState>>,
+}
+impl Debug for DrainExpired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let addrs: Vec<SocketAddr> = self.backends.iter().map(|b| b.addr).collect();
+        write!(f, "DrainExpired {{ backends: {addrs:?} }}")
+    }
+}

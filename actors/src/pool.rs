@@ -139,14 +139,27 @@ pub struct PoolShared {
 }
 
 impl PoolShared {
-    /// Builds the pool's backends; `base` resolves `ca` paths. Errors name the field.
+    /// Builds the pool's backends; `base` resolves `ca` paths. Errors name the field. With
+    /// `prev` (a reload), a backend whose entry is unchanged keeps its state.
     pub fn new(
         name: &str,
         config: &PoolConfig,
         base: &crate::config::Config,
+        prev: Option<&PoolShared>,
     ) -> Result<Arc<PoolShared>, crate::config::ConfigError> {
         let mut backends = Vec::with_capacity(config.backends.len());
         for (i, b) in config.backends.iter().enumerate() {
+            let same = prev.and_then(|p| {
+                p.config
+                    .backends
+                    .iter()
+                    .position(|o| o == b)
+                    .and_then(|j| p.backends.get(j))
+            });
+            if let Some(same) = same {
+                backends.push(Arc::clone(same));
+                continue;
+            }
             let tls = if b.tls {
                 let ca = b.ca.as_ref().map(|p| base.resolve(p));
                 let t = crate::transport::client_tls(

@@ -33,14 +33,17 @@ impl<A: xactor::Actor> Slot<A> {
     }
 }
 
+/// A pool in one config generation. The actor slot is shared by every generation that has a
+/// pool of this name, so sessions from before a reload reach the current Pool actor.
 pub struct PoolHandle {
     pub shared: Arc<PoolShared>,
-    pub addr: Slot<Pool>,
+    pub addr: Arc<Slot<Pool>>,
 }
 
+/// A listener in one config generation (actor slot shared by name across generations).
 pub struct ListenerHandle {
     pub name: String,
-    pub addr: Slot<Listener>,
+    pub addr: Arc<Slot<Listener>>,
     /// Set for `wss://` listeners.
     pub tls: Option<futures_rustls::TlsAcceptor>,
 }
@@ -50,10 +53,13 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub pools: BTreeMap<String, PoolHandle>,
     pub listeners: Vec<ListenerHandle>,
-    pub health_checker: Slot<crate::health_checker::HealthChecker>,
-    per_ip: Mutex<HashMap<IpAddr, u64>>,
+    pub health_checker: Arc<Slot<crate::health_checker::HealthChecker>>,
+    /// Per-IP session counts: one table for every generation (live sessions count across reloads).
+    per_ip: Arc<Mutex<HashMap<IpAddr, u64>>>,
     /// Set at shutdown: sessions finishing their handshake close at once with 1001.
-    pub draining: std::sync::atomic::AtomicBool,
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Every backend any generation had, so shutdown reaches sessions on removed ones too.
+    all_backends: Arc<Mutex<Vec<std::sync::Weak<crate::pool::BackendState>>>>,
 }
 
 impl Shared {
@@ -62,15 +68,26 @@ impl Shared {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Shared>, crate::config::ConfigError> {
+        Shared::build(config, metrics, None)
+    }
+
+    /// The next generation for a reloaded config: backends whose entry is unchanged keep
+    /// their state (live counts, health, sessions), actor slots and per-IP counts carry over.
+    pub fn next(&self, config: Arc<Config>) -> Result<Arc<Shared>, crate::config::ConfigError> {
+        Shared::build(config, Arc::clone(&self.metrics), Some(self))
+    }
+
+    fn build(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        prev: Option<&Shared>,
+    ) -> Result<Arc<Shared>, crate::config::ConfigError> {
         let mut pools = BTreeMap::new();
         for (name, p) in &config.pools {
-            pools.insert(
-                name.clone(),
-                PoolHandle {
-                    shared: PoolShared::new(name, p, &config)?,
-                    addr: Slot::default(),
-                },
-            );
+            let old = prev.and_then(|s| s.pools.get(name));
+            let shared = PoolShared::new(name, p, &config, old.map(|h| &*h.shared))?;
+            let addr = old.map(|h| Arc::clone(&h.addr)).unwrap_or_default();
+            pools.insert(name.clone(), PoolHandle { shared, addr });
         }
         let mut listeners = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
@@ -83,21 +100,40 @@ impl Shared {
                 ),
                 None => None,
             };
-            listeners.push(ListenerHandle {
-                name: config.listener_name(i),
-                addr: Slot::default(),
-                tls,
-            });
+            let name = config.listener_name(i);
+            let old = prev.and_then(|s| s.listeners.iter().find(|h| h.name == name));
+            let addr = old.map(|h| Arc::clone(&h.addr)).unwrap_or_default();
+            listeners.push(ListenerHandle { name, addr, tls });
+        }
+        let all_backends: Arc<Mutex<Vec<std::sync::Weak<crate::pool::BackendState>>>> = prev
+            .map(|s| Arc::clone(&s.all_backends))
+            .unwrap_or_default();
+        {
+            let mut all = all_backends.lock().unwrap_or_else(PoisonError::into_inner);
+            all.retain(|w| w.strong_count() > 0);
+            for b in pools.values().flat_map(|p| p.shared.backends.iter()) {
+                if !all.iter().any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(b))) {
+                    all.push(Arc::downgrade(b));
+                }
+            }
         }
         Ok(Arc::new(Shared {
             config,
             metrics,
             pools,
             listeners,
-            health_checker: Slot::default(),
-            per_ip: Mutex::new(HashMap::new()),
-            draining: std::sync::atomic::AtomicBool::new(false),
+            health_checker: prev
+                .map(|s| Arc::clone(&s.health_checker))
+                .unwrap_or_default(),
+            per_ip: prev.map(|s| Arc::clone(&s.per_ip)).unwrap_or_default(),
+            draining: prev.map(|s| Arc::clone(&s.draining)).unwrap_or_default(),
+            all_backends,
         }))
+    }
+
+    /// The listener's index in this generation.
+    pub fn listener_index(&self, name: &str) -> Option<usize> {
+        self.listeners.iter().position(|l| l.name == name)
     }
 
     /// Claims a session slot under `limits`, or `None` (→ 503).
@@ -232,8 +268,15 @@ impl Shared {
     /// Sends a control event to every established session (drain, shutdown).
     pub fn broadcast(&self, make: impl Fn() -> crate::relay::Control) -> usize {
         let mut n = 0;
-        for p in self.pools.values() {
-            for b in &p.shared.backends {
+        let backends: Vec<Arc<crate::pool::BackendState>> = {
+            let all = self
+                .all_backends
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            all.iter().filter_map(std::sync::Weak::upgrade).collect()
+        };
+        {
+            for b in &backends {
                 for (id, addr) in b.sessions_snapshot() {
                     if let Some(addr) = addr.upgrade() {
                         let msg = crate::messages::SessionControl(make());
