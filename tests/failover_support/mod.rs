@@ -16,7 +16,7 @@ use async_std::task;
 use async_tungstenite::tungstenite::client::IntoClientRequest;
 use async_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use async_tungstenite::WebSocketStream;
-use futures::{AsyncReadExt, AsyncWriteExt, SinkExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
@@ -54,11 +54,7 @@ pub fn wsgate_bin() -> PathBuf {
 
 /// `<target>/<profile>/examples/NAME` (`cargo test` builds the examples).
 pub fn example_bin(name: &str) -> PathBuf {
-    let p = wsgate_bin()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
+    let p = wsgate_bin().parent().unwrap().join("examples").join(name);
     assert!(
         p.exists(),
         "{} is missing: run `cargo build --examples` (cargo test builds them)",
@@ -415,7 +411,10 @@ impl ExampleBackend {
     ) -> Result<(Proc, SocketAddr, Instant), String> {
         let (bin, marker) = match kind {
             Kind::Chat => ("chat_server", format!("chat_server {name} listening on ")),
-            Kind::Ticker { .. } => ("ticker_server", format!("ticker_server {name} listening on ")),
+            Kind::Ticker { .. } => (
+                "ticker_server",
+                format!("ticker_server {name} listening on "),
+            ),
         };
         let mut cmd = Command::new(example_bin(bin));
         cmd.arg("--port")
@@ -687,9 +686,13 @@ pub enum Recv {
 
 impl Client {
     pub async fn send_text(&mut self, s: &str) {
-        within("client send", WAIT, self.ws.send(Message::text(s.to_string())))
-            .await
-            .unwrap_or_else(|e| panic!("client send failed: {e}"));
+        within(
+            "client send",
+            WAIT,
+            self.ws.send(Message::text(s.to_string())),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("client send failed: {e}"));
     }
 
     /// The next text message, close, or end (pings and pongs skipped), bounded by `d`.
@@ -934,7 +937,8 @@ impl LiveClient {
                     Ok((_, 0xA, _)) => continue,
                     Ok((_, 0x8, p)) => {
                         let code = (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
-                        let reason = String::from_utf8_lossy(p.get(2..).unwrap_or(&[])).into_owned();
+                        let reason =
+                            String::from_utf8_lossy(p.get(2..).unwrap_or(&[])).into_owned();
                         // Answer a close we did not start (echo its code); ours is already sent.
                         let _ = pong.unbounded_send(Out::Close(code.unwrap_or(1000)));
                         Event::Close(code, reason)
@@ -944,7 +948,9 @@ impl LiveClient {
                         if !fin {
                             continue;
                         }
-                        Event::Text(String::from_utf8_lossy(&std::mem::take(&mut message)).into_owned())
+                        Event::Text(
+                            String::from_utf8_lossy(&std::mem::take(&mut message)).into_owned(),
+                        )
                     }
                 };
                 let end = !matches!(ev, Event::Text(_));
@@ -1015,4 +1021,107 @@ impl LiveClient {
         let _ = self.out.unbounded_send(Out::Close(1000));
         self.close_code(WAIT).await.1
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// An in-test WebSocket backend whose upgrade answer is slow, except on one path.
+
+/// Answers upgrades on `fast_path` at once (the health checks use it) and every other
+/// upgrade after `delay`; then echoes text messages unchanged, prefixed with nothing.
+/// A text `close:CODE` makes it send a close frame with that code.
+pub struct SlowBackend {
+    pub addr: SocketAddr,
+    /// Upgrades answered on paths other than `fast_path`.
+    pub sessions: Arc<AtomicUsize>,
+    task: Option<task::JoinHandle<()>>,
+}
+
+impl SlowBackend {
+    pub async fn start(delay: Duration, fast_path: &'static str) -> SlowBackend {
+        let l = async_std::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap();
+        let addr = l.local_addr().unwrap();
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let n = Arc::clone(&sessions);
+        let task = task::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let n = Arc::clone(&n);
+                task::spawn(async move {
+                    let _ = slow_session(s, delay, fast_path, n).await;
+                });
+            }
+        });
+        SlowBackend {
+            addr,
+            sessions,
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(t) = self.task.take() {
+            t.cancel().await;
+        }
+    }
+}
+
+async fn slow_session(
+    mut s: TcpStream,
+    delay: Duration,
+    fast_path: &str,
+    sessions: Arc<AtomicUsize>,
+) -> std::io::Result<()> {
+    use async_tungstenite::tungstenite::handshake::derive_accept_key;
+    use async_tungstenite::tungstenite::protocol::Role;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 2048];
+    let end = loop {
+        let k = s.read(&mut chunk).await?;
+        if k == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..k]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(&buf[..end]).map_err(std::io::Error::other)?;
+    let path = req.path.unwrap_or("").to_string();
+    let key = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-key"))
+        .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
+        .unwrap_or_default();
+    if path != fast_path {
+        task::sleep(delay).await;
+        sessions.fetch_add(1, Ordering::SeqCst);
+    }
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        derive_accept_key(key.as_bytes())
+    );
+    s.write_all(resp.as_bytes()).await?;
+    let rest = buf[end..].to_vec();
+    let mut ws = WebSocketStream::from_partially_read(s, rest, Role::Server, None).await;
+    while let Some(Ok(m)) = ws.next().await {
+        if let Message::Text(t) = m {
+            if let Some(code) = t.as_str().strip_prefix("close:") {
+                let frame = CloseFrame {
+                    code: code.parse::<u16>().unwrap().into(),
+                    reason: "as asked".into(),
+                };
+                let _ = ws.close(Some(frame)).await;
+                continue;
+            }
+            if ws.send(Message::Text(t)).await.is_err() {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
