@@ -6,6 +6,7 @@ pub mod balance;
 pub mod config;
 pub mod handshake;
 pub mod health_checker;
+pub mod http_forward;
 pub mod listener;
 pub mod messages;
 pub mod metrics;

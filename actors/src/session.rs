@@ -8,6 +8,7 @@
 
 use crate::config::{Config, OnBackendLoss, RelayMode};
 use crate::handshake::{self, ClientInfo, HeadError, RequestHead, UpgradeProblem};
+use crate::http_forward;
 use crate::messages::{
     trace, BackendFailed, BackendLost, PickBackends, PoolName, SessionControl, SessionFinished,
     SessionId, SessionName,
@@ -253,7 +254,11 @@ impl Run {
         match handshake::check_upgrade(&head) {
             Ok(()) => {}
             Err(UpgradeProblem::NotUpgrade) => {
-                return self.refuse(426, HandshakeFailure::NotUpgrade).await
+                if self.config.pools.get(&route.pool).is_some_and(|p| p.http) {
+                    let pending = buf.split_off(head_len);
+                    return self.http_pass(&route.pool, &head, pending).await;
+                }
+                return self.refuse(426, HandshakeFailure::NotUpgrade).await;
             }
             Err(UpgradeProblem::Malformed) => {
                 return self.refuse(400, HandshakeFailure::BadRequest).await
@@ -274,10 +279,13 @@ impl Run {
         }
 
         let tunnel = self.config.relay_for(&route.pool) == RelayMode::Tunnel;
-        let Some(upstream) = self.connect(&route.pool, &head, tunnel).await else {
+        let mode = if tunnel { Mode::Tunnel } else { Mode::Message };
+        let Some(upstream) = self.connect(&route.pool, &head, mode).await else {
             return false;
         };
-        let response = upstream.response();
+        let Some(response) = upstream.response() else {
+            return false;
+        };
         self.subprotocol = response
             .headers()
             .get("sec-websocket-protocol")
@@ -310,6 +318,7 @@ impl Run {
                         .await,
                 );
             }
+            Upstream::Http(_) => return false,
             Upstream::Raw(backend, up) => {
                 if !written {
                     self.close = Some((1006, ClosedBy::Client));
@@ -371,6 +380,52 @@ impl Run {
         }
     }
 
+    /// A plain HTTP request on a pool with `"http": true`: forwarded to a healthy backend,
+    /// the response streamed back, the connection closed. Always `false` (no WebSocket).
+    async fn http_pass(&mut self, pool: &str, head: &RequestHead, pending: Vec<u8>) -> bool {
+        let body = match http_forward::body_of(head) {
+            Ok(b) => b,
+            Err(e) => {
+                log::debug!("session#{}: {e}", self.id);
+                return self.refuse(400, HandshakeFailure::BadRequest).await;
+            }
+        };
+        let Some(slot) = self.shared.acquire_slot(self.peer.ip()) else {
+            return self.refuse(503, HandshakeFailure::Limit).await;
+        };
+        self.slot = Some(slot);
+        let Some(Upstream::Http(mut backend)) = self.connect(pool, head, Mode::Http).await else {
+            return false;
+        };
+        let client = ClientInfo {
+            ip: self.peer.ip(),
+            tls: self.shared.listeners[self.listener].tls.is_some(),
+        };
+        let head_bytes = http_forward::request_head(head, client, &self.config.headers);
+        let Some(raw) = self.raw.as_mut() else {
+            return false;
+        };
+        let result = http_forward::forward(raw, &mut backend, &head_bytes, body, pending).await;
+        let backend_addr = self
+            .backends_used
+            .last()
+            .map_or("-".to_string(), ToString::to_string);
+        match result {
+            Ok(status) => log::info!(
+                "http session={} client={} listener={} route={} pool={pool} backend={backend_addr} {} {} status={status} duration_ms={}",
+                self.id,
+                self.peer,
+                self.shared.listeners[self.listener].name,
+                self.route.as_deref().unwrap_or("-"),
+                head.method,
+                head.target,
+                self.started.elapsed().as_millis()
+            ),
+            Err(e) => log::info!("http session={} pool={pool} backend={backend_addr}: {e}", self.id),
+        }
+        false
+    }
+
     /// Reads the PROXY header (listeners with `proxy_protocol`) and does the TLS handshake
     /// (listeners with `tls`), both within the handshake deadline. `false`: the connection is
     /// dropped (no valid PROXY header, failed TLS, or too slow).
@@ -430,9 +485,9 @@ impl Run {
         &mut self,
         pool_name: &str,
         head: &RequestHead,
-        tunnel: bool,
+        mode: Mode,
     ) -> Option<Upstream> {
-        match self.dial_walk(pool_name, head, Vec::new(), tunnel).await {
+        match self.dial_walk(pool_name, head, Vec::new(), mode).await {
             Ok(ok) => Some(ok),
             Err(Walk::Refused(resp)) => {
                 // The application's own verdict (401, 403, 404…): pass it on, no retry.
@@ -462,7 +517,7 @@ impl Run {
         pool_name: &str,
         head: &RequestHead,
         exclude: Vec<SocketAddr>,
-        tunnel: bool,
+        mode: Mode,
     ) -> Result<Upstream, Walk> {
         let Some(addr) = self.shared.pools.get(pool_name).and_then(|p| p.addr.get()) else {
             log::warn!("session#{}: pool {pool_name} is restarting", self.id);
@@ -503,12 +558,12 @@ impl Run {
                 &authority,
                 client,
                 &self.config.headers,
-                tunnel,
+                mode == Mode::Tunnel,
                 false,
             ) else {
                 return Err(Walk::BadRequest);
             };
-            match dial(b, req, cfg, timeouts.connect(), tunnel).await {
+            match dial(b, req, cfg, timeouts.connect(), mode).await {
                 Ok(ok) => {
                     self.lease = lease;
                     return Ok(ok);
@@ -551,12 +606,14 @@ impl Run {
         };
         let lost = self.backends_used.last().copied();
         let result = self
-            .dial_walk(&pool, &head, lost.into_iter().collect(), false)
+            .dial_walk(&pool, &head, lost.into_iter().collect(), Mode::Message)
             .await;
         self.head = Some(head);
         let (mut backend, response) = match result {
             Ok(Upstream::Ws(ws, response)) => (*ws, response),
-            Ok(Upstream::Raw(..)) => return Err("tunnel sessions do not fail over".into()),
+            Ok(Upstream::Raw(..) | Upstream::Http(_)) => {
+                return Err("only message relays fail over".into())
+            }
             Err(Walk::Refused(resp)) => {
                 return Err(format!(
                     "new backend refused the upgrade with {}",
@@ -880,19 +937,33 @@ enum DialError {
     Failed(String),
 }
 
-/// A backend that accepted the upgrade.
+/// What a dial walk sets up with a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A WebSocket upgrade for the message relay.
+    Message,
+    /// A raw WebSocket upgrade for the tunnel relay.
+    Tunnel,
+    /// A plain connection for HTTP pass-through.
+    Http,
+}
+
+/// A backend that accepted the connection (and the upgrade, for WebSocket modes).
 enum Upstream {
     /// Message relay: tungstenite did the client handshake.
     Ws(Box<BackendWs>, Response),
     /// Tunnel relay: the raw socket and what the backend sent after its 101.
     Raw(BackendStream, tunnel::RawUpgrade),
+    /// HTTP pass-through: a connected socket.
+    Http(BackendStream),
 }
 
 impl Upstream {
-    fn response(&self) -> &Response {
+    fn response(&self) -> Option<&Response> {
         match self {
-            Upstream::Ws(_, r) => r,
-            Upstream::Raw(_, up) => &up.response,
+            Upstream::Ws(_, r) => Some(r),
+            Upstream::Raw(_, up) => Some(&up.response),
+            Upstream::Http(_) => None,
         }
     }
 }
@@ -910,14 +981,17 @@ async fn dial(
     req: async_tungstenite::tungstenite::http::Request<()>,
     cfg: async_tungstenite::tungstenite::protocol::WebSocketConfig,
     timeout: std::time::Duration,
-    tunnel: bool,
+    mode: Mode,
 ) -> Result<Upstream, DialError> {
     let started = Instant::now();
     let mut tcp = transport::dial(b.addr, b.tls.as_ref(), timeout)
         .await
         .map_err(|e| DialError::Failed(format!("connect: {e}")))?;
     let left = timeout.saturating_sub(started.elapsed());
-    if tunnel {
+    if mode == Mode::Http {
+        return Ok(Upstream::Http(tcp));
+    }
+    if mode == Mode::Tunnel {
         return match tunnel::raw_upgrade(&mut tcp, &req, left).await {
             Ok(up) => Ok(Upstream::Raw(tcp, up)),
             Err(Ok(resp)) if resp.status().is_client_error() => Err(DialError::Refused(resp)),

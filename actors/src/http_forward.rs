@@ -1,0 +1,373 @@
+//! Plain HTTP/1.1 pass-through for pools with `"http": true`, so an app's page and its
+//! socket share one origin. One request per client connection: the gateway asks the backend
+//! for `Connection: close`, streams the response back until the backend closes, then closes.
+//! Request bodies are framed by `Content-Length` or by chunked encoding, whose chunk-size
+//! lines and trailers are parsed by httparse; bodies pass through unchanged.
+
+use crate::handshake::{ClientInfo, RequestHead};
+use crate::transport::{BackendStream, ClientStream};
+use futures::{AsyncReadExt, AsyncWriteExt};
+
+const CHUNK: usize = 16 * 1024;
+const MAX_LINE: usize = 8 * 1024;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never copied; the body framing headers are kept,
+/// because the body is passed on unchanged.
+fn hop_by_hop(name: &str) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// How a request body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// The body framing of a request (RFC 9112 §6.3), or `Err` for an ambiguous or bad one.
+pub fn body_of(head: &RequestHead) -> Result<Body, String> {
+    let chunked = head.header_has_token("transfer-encoding", "chunked");
+    let lengths: Vec<&str> = head
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .collect();
+    match (chunked, lengths.as_slice()) {
+        (true, []) => Ok(Body::Chunked),
+        (true, _) => Err("both Transfer-Encoding and Content-Length".into()),
+        (false, []) if head.header("transfer-encoding").is_some() => {
+            Err("unsupported Transfer-Encoding".into())
+        }
+        (false, []) => Ok(Body::None),
+        (false, [one]) => one
+            .trim()
+            .parse()
+            .map(Body::Length)
+            .map_err(|_| "bad Content-Length".into()),
+        (false, _) => Err("several Content-Length headers".into()),
+    }
+}
+
+/// The request head sent to the backend: method, target and end-to-end headers as the client
+/// sent them, `X-Forwarded-*` when configured, `headers.set`, and `Connection: close`.
+pub fn request_head(
+    head: &RequestHead,
+    client: ClientInfo,
+    cfg: &crate::config::HeadersConfig,
+) -> Vec<u8> {
+    let mut out = format!("{} {} HTTP/1.1\r\n", head.method, head.target).into_bytes();
+    let forwarded = [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+    ];
+    let mut xff = None;
+    for (name, value) in &head.headers {
+        let lname = name.to_ascii_lowercase();
+        if hop_by_hop(&lname) || head.header_has_token("connection", &lname) {
+            continue;
+        }
+        if cfg.forwarded && forwarded.contains(&lname.as_str()) {
+            if lname == "x-forwarded-for" {
+                xff = Some(String::from_utf8_lossy(value).trim().to_string());
+            }
+            continue;
+        }
+        if cfg.set.keys().any(|k| k.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut add = |k: &str, v: &str| out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    if cfg.forwarded {
+        let ip = client.ip.to_string();
+        add(
+            "X-Forwarded-For",
+            &xff.filter(|x| !x.is_empty())
+                .map_or(ip.clone(), |x| format!("{x}, {ip}")),
+        );
+        add(
+            "X-Forwarded-Proto",
+            if client.tls { "https" } else { "http" },
+        );
+        if let Some(h) = head.header("host") {
+            add("X-Forwarded-Host", h);
+        }
+        add("X-Real-IP", &ip);
+    }
+    for (k, v) in &cfg.set {
+        add(k, v);
+    }
+    add("Connection", "close");
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Forwards one request and streams the response back. `pending` holds body bytes the client
+/// sent along with its head. Returns the backend's status code.
+pub async fn forward(
+    client: &mut ClientStream,
+    backend: &mut BackendStream,
+    head_bytes: &[u8],
+    body: Body,
+    pending: Vec<u8>,
+) -> Result<u16, String> {
+    backend
+        .write_all(head_bytes)
+        .await
+        .map_err(|e| format!("backend: {e}"))?;
+    match body {
+        Body::None => {}
+        Body::Length(n) => copy_exact(client, backend, pending, n).await?,
+        Body::Chunked => copy_chunked(client, backend, pending).await?,
+    }
+    backend.flush().await.map_err(|e| format!("backend: {e}"))?;
+    relay_response(backend, client).await
+}
+
+/// Copies exactly `n` body bytes: first those already read, then from the client.
+async fn copy_exact(
+    client: &mut ClientStream,
+    backend: &mut BackendStream,
+    pending: Vec<u8>,
+    n: u64,
+) -> Result<(), String> {
+    let first = pending.len().min(n as usize);
+    backend
+        .write_all(&pending[..first])
+        .await
+        .map_err(|e| format!("backend: {e}"))?;
+    let mut left = n - first as u64;
+    let mut buf = vec![0u8; CHUNK];
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let got = client
+            .read(&mut buf[..want])
+            .await
+            .map_err(|e| format!("client: {e}"))?;
+        if got == 0 {
+            return Err("client closed before the end of its body".into());
+        }
+        backend
+            .write_all(&buf[..got])
+            .await
+            .map_err(|e| format!("backend: {e}"))?;
+        left -= got as u64;
+    }
+    Ok(())
+}
+
+/// Copies a chunked body unchanged, using httparse to find each chunk-size line and the end
+/// of the trailers.
+async fn copy_chunked(
+    client: &mut ClientStream,
+    backend: &mut BackendStream,
+    mut buf: Vec<u8>,
+) -> Result<(), String> {
+    let mut scratch = vec![0u8; CHUNK];
+    loop {
+        let (line, size) = loop {
+            match httparse::parse_chunk_size(&buf) {
+                Ok(httparse::Status::Complete(found)) => break found,
+                Ok(httparse::Status::Partial) if buf.len() < MAX_LINE => {
+                    fill(client, &mut buf, &mut scratch).await?;
+                }
+                _ => return Err("malformed chunk size".into()),
+            }
+        };
+        backend
+            .write_all(&buf[..line])
+            .await
+            .map_err(|e| format!("backend: {e}"))?;
+        buf.drain(..line);
+        if size == 0 {
+            // Trailers (possibly none), ended by an empty line.
+            loop {
+                let mut headers = [httparse::EMPTY_HEADER; 32];
+                match httparse::parse_headers(&buf, &mut headers) {
+                    Ok(httparse::Status::Complete((n, _))) => {
+                        backend
+                            .write_all(&buf[..n])
+                            .await
+                            .map_err(|e| format!("backend: {e}"))?;
+                        return Ok(());
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() < MAX_LINE => {
+                        fill(client, &mut buf, &mut scratch).await?;
+                    }
+                    _ => return Err("malformed trailers".into()),
+                }
+            }
+        }
+        // The chunk's data and its CRLF.
+        let mut need = size.saturating_add(2);
+        while need > 0 {
+            if buf.is_empty() {
+                fill(client, &mut buf, &mut scratch).await?;
+            }
+            let n = buf.len().min(usize::try_from(need).unwrap_or(usize::MAX));
+            backend
+                .write_all(&buf[..n])
+                .await
+                .map_err(|e| format!("backend: {e}"))?;
+            buf.drain(..n);
+            need -= n as u64;
+        }
+    }
+}
+
+async fn fill(
+    client: &mut ClientStream,
+    buf: &mut Vec<u8>,
+    scratch: &mut [u8],
+) -> Result<(), String> {
+    let n = client
+        .read(scratch)
+        .await
+        .map_err(|e| format!("client: {e}"))?;
+    if n == 0 {
+        return Err("client closed inside its chunked body".into());
+    }
+    buf.extend_from_slice(&scratch[..n]);
+    Ok(())
+}
+
+/// Reads the response head, rewrites its hop-by-hop headers (`Connection: close`), and
+/// streams everything after it until the backend closes.
+async fn relay_response(
+    backend: &mut BackendStream,
+    client: &mut ClientStream,
+) -> Result<u16, String> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut scratch = vec![0u8; CHUNK];
+    let (status, head, body_start) = loop {
+        let n = backend
+            .read(&mut scratch)
+            .await
+            .map_err(|e| format!("backend: {e}"))?;
+        if n == 0 {
+            return Err("backend closed before its response head".into());
+        }
+        buf.extend_from_slice(&scratch[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 96];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let code = resp.code.unwrap_or(502);
+                let mut out =
+                    format!("HTTP/1.1 {code} {}\r\n", resp.reason.unwrap_or("")).into_bytes();
+                for h in resp.headers.iter().filter(|h| !hop_by_hop(h.name)) {
+                    out.extend_from_slice(h.name.as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(h.value);
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"Connection: close\r\n\r\n");
+                break (code, out, len);
+            }
+            Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => continue,
+            _ => return Err("malformed response head from backend".into()),
+        }
+    };
+    client
+        .write_all(&head)
+        .await
+        .map_err(|e| format!("client: {e}"))?;
+    client
+        .write_all(&buf[body_start..])
+        .await
+        .map_err(|e| format!("client: {e}"))?;
+    loop {
+        let n = backend
+            .read(&mut scratch)
+            .await
+            .map_err(|e| format!("backend: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        client
+            .write_all(&scratch[..n])
+            .await
+            .map_err(|e| format!("client: {e}"))?;
+    }
+    client.flush().await.map_err(|e| format!("client: {e}"))?;
+    let _ = client.close().await;
+    Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(headers: &[(&str, &str)]) -> RequestHead {
+        RequestHead {
+            method: "POST".into(),
+            target: "/echo?x=1".into(),
+            minor_version: 1,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn body_framing() {
+        assert_eq!(body_of(&head(&[])), Ok(Body::None));
+        assert_eq!(
+            body_of(&head(&[("Content-Length", "12")])),
+            Ok(Body::Length(12))
+        );
+        assert_eq!(
+            body_of(&head(&[("Transfer-Encoding", "gzip, chunked")])),
+            Ok(Body::Chunked)
+        );
+        assert!(body_of(&head(&[
+            ("Transfer-Encoding", "chunked"),
+            ("Content-Length", "3")
+        ]))
+        .is_err());
+        assert!(body_of(&head(&[("Content-Length", "3"), ("Content-Length", "4")])).is_err());
+        assert!(body_of(&head(&[("Content-Length", "x")])).is_err());
+    }
+
+    #[test]
+    fn request_head_rewrites_hop_by_hop() {
+        let h = head(&[
+            ("Host", "gw:8020"),
+            ("Connection", "keep-alive, X-Private"),
+            ("X-Private", "1"),
+            ("Content-Length", "2"),
+        ]);
+        let client = ClientInfo {
+            ip: "127.0.0.5".parse().unwrap(),
+            tls: false,
+        };
+        let out = String::from_utf8(request_head(&h, client, &Default::default())).unwrap();
+        assert!(out.starts_with("POST /echo?x=1 HTTP/1.1\r\n"));
+        assert!(out.contains("Host: gw:8020\r\n") && out.contains("Content-Length: 2\r\n"));
+        assert!(
+            out.contains("X-Forwarded-For: 127.0.0.5\r\n")
+                && out.contains("X-Forwarded-Host: gw:8020\r\n")
+        );
+        assert!(!out.contains("X-Private") && !out.contains("keep-alive"));
+        assert!(out.ends_with("Connection: close\r\n\r\n"));
+    }
+}
