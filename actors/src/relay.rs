@@ -50,8 +50,9 @@ pub enum Side {
 pub enum Control {
     /// End the session: the client gets `code`, the backend 1001 (drain, shutdown, backend down).
     Close { code: u16, reason: &'static str },
-    /// The backend was declared down by the pool (health check): treat as loss.
-    BackendDown,
+    /// The pool declared this backend down (health check, or drained by a reload): treat as
+    /// loss if it is still the session's backend (a failed-over session ignores its old one).
+    BackendDown(std::net::SocketAddr, String),
 }
 
 /// Why the relay loop stopped.
@@ -327,11 +328,13 @@ where
             Poll::Ready(None) => return Poll::Ready(Outcome::ControlLost),
             Poll::Pending => {}
         }
-        if let Poll::Ready(ev) = poll_dir(cx, client, backend, c2b, fault) {
-            return Poll::Ready(dir_outcome(Side::Client, ev));
-        }
+        // Backend to client first: when a backend's FIN and client data arrive in the same
+        // wakeup, the loss is seen before more client messages are written to a dead socket.
         if let Poll::Ready(ev) = poll_dir(cx, backend, client, b2c, &mut Fault::default()) {
             return Poll::Ready(dir_outcome(Side::Backend, ev));
+        }
+        if let Poll::Ready(ev) = poll_dir(cx, client, backend, c2b, fault) {
+            return Poll::Ready(dir_outcome(Side::Client, ev));
         }
         if Pin::new(&mut timer).poll(cx).is_pending() {
             return Poll::Pending;

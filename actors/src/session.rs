@@ -79,8 +79,8 @@ impl Actor for Session {
 
 #[async_trait::async_trait]
 impl Handler<BackendLost> for Session {
-    async fn handle(&mut self, _ctx: &mut Context<Self>, _msg: BackendLost) {
-        self.forward(Control::BackendDown);
+    async fn handle(&mut self, _ctx: &mut Context<Self>, msg: BackendLost) {
+        self.forward(Control::BackendDown(msg.backend, msg.reason));
     }
 }
 
@@ -689,7 +689,12 @@ impl Run {
             let lost = match &outcome {
                 Outcome::Gone(Side::Backend, why) => why.clone(),
                 Outcome::Unresponsive(Side::Backend) => "backend did not answer pings".into(),
-                Outcome::Control(Control::BackendDown) => "marked down by its pool".into(),
+                Outcome::Control(Control::BackendDown(addr, why)) => {
+                    if self.backends_used.last() != Some(addr) {
+                        continue; // about a backend this session already left
+                    }
+                    format!("pool: {why}")
+                }
                 _ => break outcome,
             };
             self.backend = None;
@@ -725,7 +730,7 @@ impl Run {
             }
             Outcome::Gone(Side::Backend, _)
             | Outcome::Unresponsive(Side::Backend)
-            | Outcome::Control(Control::BackendDown) => (
+            | Outcome::Control(Control::BackendDown(..)) => (
                 Some(Some(close_frame(1014, "bad gateway"))),
                 None,
                 (1014, ClosedBy::Gateway),
