@@ -1047,7 +1047,8 @@ async fn flapping_backend_leaks_nothing_and_ends_up() {
             { "address": flapper.addr.to_string(), "weight": 1, "health": "up", "sessions": 0 },
         ])
     );
-    assert!(cycles >= 15, "{cycles} cycles");
+    // 10 s of 300 ms up + 300 ms down (+ the restart itself) is 14 to 16 cycles.
+    assert!(cycles >= 10, "only {cycles} kill/restart cycles in 10 s");
     assert!(downs >= 1 && ups >= 1, "the checks never saw the flapping");
     assert!(
         failovers >= 1.0,
