@@ -1,10 +1,10 @@
 //! The HTTP side of a session: reading the client's upgrade request head, checking it,
 //! building the upstream request, and answering the client. Pure functions where possible.
 
-/// Headers the gateway writes itself toward a backend: hop-by-hop headers (RFC 9110 §7.6.1)
-/// and the WebSocket handshake's own. They are never copied from the client or `headers.set`.
-pub fn is_reserved_upstream_header(name: &str) -> bool {
-    const RESERVED: &[&str] = &[
+/// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection and are never
+/// forwarded (the body-framing ones are handled by whoever frames the body).
+pub fn is_hop_by_hop(name: &str) -> bool {
+    const HOP_BY_HOP: &[&str] = &[
         "connection",
         "keep-alive",
         "proxy-connection",
@@ -12,8 +12,16 @@ pub fn is_reserved_upstream_header(name: &str) -> bool {
         "proxy-authorization",
         "te",
         "trailer",
-        "transfer-encoding",
         "upgrade",
+    ];
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Headers the gateway writes itself toward a backend: hop-by-hop headers, body framing,
+/// `Host`, and the WebSocket handshake's own. Never copied from the client or `headers.set`.
+pub fn is_reserved_upstream_header(name: &str) -> bool {
+    const OWN: &[&str] = &[
+        "transfer-encoding",
         "content-length",
         "host",
         "sec-websocket-key",
@@ -22,7 +30,7 @@ pub fn is_reserved_upstream_header(name: &str) -> bool {
         "sec-websocket-extensions",
         "sec-websocket-protocol",
     ];
-    RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))
+    is_hop_by_hop(name) || OWN.iter().any(|r| r.eq_ignore_ascii_case(name))
 }
 
 use crate::config::HeadersConfig;
@@ -84,34 +92,21 @@ pub enum HeadError {
     Io(io::Error),
 }
 
-/// Reads a request head into `buf`; returns the head and how many bytes of `buf` it used
-/// (the rest is what the client sent after it: frames or a body).
-pub async fn read_head<S: AsyncRead + Unpin>(
+/// Reads from `stream` into `buf` until `parse` recognizes a complete head, within
+/// `MAX_HEAD_BYTES`. `parse` returns the head and its length, or `None` for "need more".
+async fn read_parsed<S, T>(
     stream: &mut S,
     buf: &mut Vec<u8>,
-) -> Result<(RequestHead, usize), HeadError> {
+    mut parse: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, HeadError>,
+) -> Result<(T, usize), HeadError>
+where
+    S: AsyncRead + Unpin,
+{
     let mut chunk = [0u8; 4096];
     loop {
         if !buf.is_empty() {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let head = RequestHead {
-                        method: req.method.unwrap_or_default().to_string(),
-                        target: req.path.unwrap_or_default().to_string(),
-                        minor_version: req.version.unwrap_or(0),
-                        headers: req
-                            .headers
-                            .iter()
-                            .map(|h| (h.name.to_string(), h.value.to_vec()))
-                            .collect(),
-                    };
-                    return Ok((head, len));
-                }
-                Ok(httparse::Status::Partial) => {}
-                Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-                Err(_) => return Err(HeadError::Malformed),
+            if let Some(done) = parse(buf)? {
+                return Ok(done);
             }
         }
         if buf.len() >= MAX_HEAD_BYTES {
@@ -122,6 +117,104 @@ pub async fn read_head<S: AsyncRead + Unpin>(
             return Err(HeadError::Eof);
         }
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn parse_error(e: httparse::Error) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooLarge,
+        _ => HeadError::Malformed,
+    }
+}
+
+fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, Vec<u8>)> {
+    headers
+        .iter()
+        .map(|h| (h.name.to_string(), h.value.to_vec()))
+        .collect()
+}
+
+/// Reads a request head into `buf`; returns the head and how many bytes of `buf` it used
+/// (the rest is what the client sent after it: frames or a body).
+pub async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<(RequestHead, usize), HeadError> {
+    read_parsed(stream, buf, |bytes| {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(bytes).map_err(parse_error)? {
+            httparse::Status::Partial => Ok(None),
+            httparse::Status::Complete(len) => Ok(Some((
+                RequestHead {
+                    method: req.method.unwrap_or_default().to_string(),
+                    target: req.path.unwrap_or_default().to_string(),
+                    minor_version: req.version.unwrap_or(0),
+                    headers: owned_headers(req.headers),
+                },
+                len,
+            ))),
+        }
+    })
+    .await
+}
+
+/// Reads a response head (a backend's answer, a health check's); returns it and how many
+/// bytes of `buf` it used (the rest is what followed it: frames or body).
+pub async fn read_response_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<(ResponseHead, usize), HeadError> {
+    read_parsed(stream, buf, |bytes| {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(bytes).map_err(parse_error)? {
+            httparse::Status::Partial => Ok(None),
+            httparse::Status::Complete(len) => Ok(Some((
+                ResponseHead {
+                    status: resp.code.unwrap_or(0),
+                    reason: resp.reason.unwrap_or_default().to_string(),
+                    headers: owned_headers(resp.headers),
+                },
+                len,
+            ))),
+        }
+    })
+    .await
+}
+
+/// A parsed HTTP/1.1 response head.
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub reason: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl ResponseHead {
+    /// As an `http::Response` (for code shared with tungstenite's handshake types).
+    pub fn to_http(&self, body: Option<Vec<u8>>) -> http::Response<Option<Vec<u8>>> {
+        let mut b = http::Response::builder().status(self.status);
+        for (name, value) in &self.headers {
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(value),
+            ) {
+                b = b.header(n, v);
+            }
+        }
+        b.body(body).unwrap_or_else(|_| http::Response::new(None))
+    }
+}
+
+impl std::fmt::Display for HeadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeadError::Malformed => f.write_str("malformed HTTP head"),
+            HeadError::TooLarge => f.write_str("HTTP head too large"),
+            HeadError::Eof => f.write_str("connection closed before the HTTP head was complete"),
+            HeadError::Io(e) => write!(f, "{e}"),
+        }
     }
 }
 

@@ -8,13 +8,14 @@
 //! ejection by the pool is honoured: only `healthy_after` passing checks bring it back.
 
 use crate::config::{HealthCheckConfig, HealthKind};
+use crate::handshake::read_response_head;
 use crate::messages::{trace, Fault, HealthReport, PoolName};
 use crate::pool::BackendState;
 use crate::rt::{self, TcpStream};
 use crate::shared::Shared;
 use async_tungstenite::tungstenite::Message;
 use futures::future::{AbortHandle, Abortable};
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{AsyncWriteExt, StreamExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xactor::{Actor, Context, Handler};
@@ -167,25 +168,13 @@ async fn check(
                     .await
                     .map_err(|e| format!("http: {e}"))?;
                 let mut buf = Vec::with_capacity(512);
-                let mut chunk = [0u8; 512];
-                loop {
-                    let n = tcp
-                        .read(&mut chunk)
-                        .await
-                        .map_err(|e| format!("http: {e}"))?;
-                    if n == 0 {
-                        return Err("http: connection closed before the status line".into());
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let mut headers = [httparse::EMPTY_HEADER; 32];
-                    let mut resp = httparse::Response::new(&mut headers);
-                    let parsed = resp.parse(&buf);
-                    match (parsed, resp.code) {
-                        (Ok(_), Some(code)) if (200..400).contains(&code) => return Ok(()),
-                        (Ok(_), Some(code)) => return Err(format!("http: status {code}")),
-                        (Ok(_), None) if buf.len() < 8192 => continue,
-                        _ => return Err("http: malformed response".into()),
-                    }
+                let (resp, _) = read_response_head(&mut tcp, &mut buf)
+                    .await
+                    .map_err(|e| format!("http: {e}"))?;
+                if (200..400).contains(&resp.status) {
+                    Ok(())
+                } else {
+                    Err(format!("http: status {}", resp.status))
                 }
             }
             HealthKind::Websocket => {

@@ -4,29 +4,12 @@
 //! Request bodies are framed by `Content-Length` or by chunked encoding, whose chunk-size
 //! lines and trailers are parsed by httparse; bodies pass through unchanged.
 
-use crate::handshake::{ClientInfo, RequestHead};
+use crate::handshake::{is_hop_by_hop, read_response_head, ClientInfo, RequestHead};
 use crate::transport::{BackendStream, ClientStream};
 use futures::{AsyncReadExt, AsyncWriteExt};
 
 const CHUNK: usize = 16 * 1024;
 const MAX_LINE: usize = 8 * 1024;
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never copied; the body framing headers are kept,
-/// because the body is passed on unchanged.
-fn hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "upgrade",
-    ]
-    .iter()
-    .any(|h| h.eq_ignore_ascii_case(name))
-}
 
 /// How a request body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +61,7 @@ pub fn request_head(
     let mut xff = None;
     for (name, value) in &head.headers {
         let lname = name.to_ascii_lowercase();
-        if hop_by_hop(&lname) || head.header_has_token("connection", &lname) {
+        if is_hop_by_hop(&lname) || head.header_has_token("connection", &lname) {
             continue;
         }
         if cfg.forwarded && forwarded.contains(&lname.as_str()) {
@@ -257,35 +240,18 @@ async fn relay_response(
 ) -> Result<u16, String> {
     let mut buf = Vec::with_capacity(4096);
     let mut scratch = vec![0u8; CHUNK];
-    let (status, head, body_start) = loop {
-        let n = backend
-            .read(&mut scratch)
-            .await
-            .map_err(|e| format!("backend: {e}"))?;
-        if n == 0 {
-            return Err("backend closed before its response head".into());
-        }
-        buf.extend_from_slice(&scratch[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 96];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let code = resp.code.unwrap_or(502);
-                let mut out =
-                    format!("HTTP/1.1 {code} {}\r\n", resp.reason.unwrap_or("")).into_bytes();
-                for h in resp.headers.iter().filter(|h| !hop_by_hop(h.name)) {
-                    out.extend_from_slice(h.name.as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(h.value);
-                    out.extend_from_slice(b"\r\n");
-                }
-                out.extend_from_slice(b"Connection: close\r\n\r\n");
-                break (code, out, len);
-            }
-            Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => continue,
-            _ => return Err("malformed response head from backend".into()),
-        }
-    };
+    let (resp, body_start) = read_response_head(backend, &mut buf)
+        .await
+        .map_err(|e| format!("backend response: {e}"))?;
+    let status = resp.status;
+    let mut head = format!("HTTP/1.1 {status} {}\r\n", resp.reason).into_bytes();
+    for (name, value) in resp.headers.iter().filter(|(n, _)| !is_hop_by_hop(n)) {
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"Connection: close\r\n\r\n");
     client
         .write_all(&head)
         .await

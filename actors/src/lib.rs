@@ -113,6 +113,7 @@ impl Gateway {
     /// Graceful stop (SIGTERM/SIGINT): stop accepting, close every client with 1001, and wait
     /// up to `drain` for the closing handshakes. Returns the sessions still open at the end.
     pub async fn shutdown(&self, drain: Duration) -> u64 {
+        messages::trace(&"shutdown", &"supervisor", &messages::StopAccepting);
         let _ = self.supervisor.call(messages::StopAccepting).await;
         let Some(shared) = self.current.get() else {
             return 0;

@@ -435,49 +435,48 @@ impl Run {
         };
         let left = || deadline.saturating_duration_since(Instant::now());
         if self.config.listeners[self.listener].proxy_protocol {
-            match rt::timeout(left(), crate::proxy_header::read(&mut tcp)).await {
-                Ok(Ok(Some(addr))) => self.peer = addr,
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => {
-                    log::info!("session#{} {}: {e}; closing", self.id, self.peer);
-                    self.shared
-                        .metrics
-                        .handshake_failed(HandshakeFailure::BadRequest);
-                    return false;
-                }
-                Err(_) => {
-                    self.shared
-                        .metrics
-                        .handshake_failed(HandshakeFailure::Timeout);
-                    return false;
-                }
+            let header = rt::timeout(left(), crate::proxy_header::read(&mut tcp)).await;
+            match self.step_done("PROXY header", header) {
+                Some(Some(addr)) => self.peer = addr,
+                Some(None) => {}
+                None => return false,
             }
         }
         let acceptor = self.shared.listeners[self.listener].tls.clone();
         self.raw = Some(match acceptor {
             None => ClientStream::Plain(tcp),
-            Some(acceptor) => match rt::timeout(left(), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),
-                Ok(Err(e)) => {
-                    log::info!(
-                        "session#{} {}: TLS handshake failed: {e}",
-                        self.id,
-                        self.peer
-                    );
-                    self.shared
-                        .metrics
-                        .handshake_failed(HandshakeFailure::BadRequest);
-                    return false;
+            Some(acceptor) => {
+                let tls = rt::timeout(left(), acceptor.accept(tcp)).await;
+                match self.step_done("TLS handshake", tls) {
+                    Some(tls) => ClientStream::Tls(Box::new(tls)),
+                    None => return false,
                 }
-                Err(_) => {
-                    self.shared
-                        .metrics
-                        .handshake_failed(HandshakeFailure::Timeout);
-                    return false;
-                }
-            },
+            }
         });
         true
+    }
+
+    /// The result of a transport step bounded by the handshake deadline; a failure is logged
+    /// and counted (a bad PROXY header or TLS handshake, or a client too slow).
+    fn step_done<T, E: std::fmt::Display>(
+        &self,
+        step: &str,
+        r: Result<Result<T, E>, rt::Elapsed>,
+    ) -> Option<T> {
+        let why = match r {
+            Ok(Ok(v)) => return Some(v),
+            Ok(Err(e)) => {
+                log::info!(
+                    "session#{} {}: {step} failed: {e}; closing",
+                    self.id,
+                    self.peer
+                );
+                HandshakeFailure::BadRequest
+            }
+            Err(_) => HandshakeFailure::Timeout,
+        };
+        self.shared.metrics.handshake_failed(why);
+        None
     }
 
     /// The handshake's backend: a dial walk whose failures become the client's answer.
@@ -697,14 +696,28 @@ impl Run {
                 }
                 _ => break outcome,
             };
-            self.backend = None;
+            let verdict_only = matches!(outcome, Outcome::Control(Control::BackendDown(..)));
+            let current = (self.backend.take(), self.backends_used.last().copied());
             if self.loss_policy() == OnBackendLoss::Reconnect {
                 match self.reconnect(me).await {
                     Ok(()) => continue,
-                    Err(e) => log::info!(
-                        "session#{}: backend lost ({lost}); failover failed: {e}",
-                        self.id
-                    ),
+                    Err(e) => {
+                        if let (true, (Some(ws), Some(addr))) = (verdict_only, current) {
+                            // The pool gave up on the backend but this socket still works:
+                            // better to stay on it than to end the session.
+                            log::info!(
+                                "session#{}: {lost}; failover failed ({e}); staying on {addr}",
+                                self.id
+                            );
+                            self.backend = Some(ws);
+                            self.backends_used.push(addr);
+                            continue;
+                        }
+                        log::info!(
+                            "session#{}: backend lost ({lost}); failover failed: {e}",
+                            self.id
+                        )
+                    }
                 }
             } else {
                 log::info!(

@@ -7,18 +7,17 @@
 //! with httparse, accept key checked), so whatever the backend sends right after its 101 is
 //! kept and relayed, never swallowed by a WebSocket library's buffer.
 
-use crate::handshake::is_reserved_upstream_header;
+use crate::handshake::{is_reserved_upstream_header, read_response_head};
 use crate::relay::Control;
 use crate::rt;
 use crate::transport::Halves;
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
-use async_tungstenite::tungstenite::http::{self, HeaderName, HeaderValue};
+use async_tungstenite::tungstenite::http;
 use futures::channel::mpsc;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use std::time::{Duration, Instant};
 
 const BUF: usize = 16 * 1024;
-const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
 /// The backend's answer to a raw upgrade: its response head, and bytes it sent after it.
 pub struct RawUpgrade {
@@ -56,53 +55,25 @@ pub async fn raw_upgrade<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
             .await
             .map_err(|e| Err(format!("upgrade: {e}")))?;
         let mut buf = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 2048];
-        loop {
-            let n = stream
-                .read(&mut chunk)
-                .await
-                .map_err(|e| Err(format!("upgrade: {e}")))?;
-            if n == 0 {
-                return Err(Err("upgrade: backend closed the connection".to_string()));
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(&buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let mut b = http::Response::builder().status(resp.code.unwrap_or(502));
-                    for h in resp.headers.iter() {
-                        if let (Ok(name), Ok(value)) = (
-                            HeaderName::from_bytes(h.name.as_bytes()),
-                            HeaderValue::from_bytes(h.value),
-                        ) {
-                            b = b.header(name, value);
-                        }
-                    }
-                    let code = resp.code.unwrap_or(0);
-                    let rest = buf.split_off(len);
-                    let response = b.body(None).map_err(|e| Err(format!("upgrade: {e}")))?;
-                    if code != 101 {
-                        let body = (!rest.is_empty()).then_some(rest);
-                        let (parts, _) = response.into_parts();
-                        return Err(Ok(http::Response::from_parts(parts, body)));
-                    }
-                    let accept = response
-                        .headers()
-                        .get("sec-websocket-accept")
-                        .and_then(|v| v.to_str().ok());
-                    if accept != Some(derive_accept_key(key.as_bytes()).as_str()) {
-                        return Err(Err("upgrade: wrong Sec-WebSocket-Accept".to_string()));
-                    }
-                    return Ok(RawUpgrade {
-                        response,
-                        leftover: rest,
-                    });
-                }
-                Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => continue,
-                _ => return Err(Err("upgrade: malformed response head".to_string())),
-            }
+        let (resp, len) = read_response_head(stream, &mut buf)
+            .await
+            .map_err(|e| Err(format!("upgrade: {e}")))?;
+        let rest = buf.split_off(len);
+        if resp.status != 101 {
+            return Err(Ok(resp.to_http((!rest.is_empty()).then_some(rest))));
         }
+        let response = resp.to_http(None);
+        let accept = response
+            .headers()
+            .get("sec-websocket-accept")
+            .and_then(|v| v.to_str().ok());
+        if accept != Some(derive_accept_key(key.as_bytes()).as_str()) {
+            return Err(Err("upgrade: wrong Sec-WebSocket-Accept".to_string()));
+        }
+        Ok(RawUpgrade {
+            response,
+            leftover: rest,
+        })
     };
     match rt::timeout(timeout.saturating_sub(started.elapsed()), io).await {
         Ok(r) => r,
