@@ -163,20 +163,49 @@ pub async fn dial(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
+/// The write half of a split connection. Closing it half-closes the TCP connection (a FIN
+/// to the peer), after TLS's close_notify: async-io's `close` on a socket only flushes.
+pub struct WriteHalf {
+    w: Box<dyn AsyncWrite + Unpin + Send>,
+    tcp: TcpStream,
+}
+
+impl WriteHalf {
+    pub async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        futures::AsyncWriteExt::write_all(&mut self.w, buf).await
+    }
+
+    /// Flushes, ends TLS if any, and sends FIN: the peer reads end-of-stream.
+    pub async fn shutdown(&mut self) {
+        let _ = futures::AsyncWriteExt::close(&mut self.w).await;
+        let _ = self.tcp.shutdown(std::net::Shutdown::Write);
+    }
+}
+
 /// A read half and a write half of a connection, for the tunnel's two copy loops. Plain TCP
 /// splits without a lock (the socket is shared); TLS through futures' `split`.
-pub type Halves = (
-    Box<dyn AsyncRead + Unpin + Send>,
-    Box<dyn AsyncWrite + Unpin + Send>,
-);
+pub type Halves = (Box<dyn AsyncRead + Unpin + Send>, WriteHalf);
 
 impl ClientStream {
     pub fn split(self) -> Halves {
         match self {
-            ClientStream::Plain(s) => (Box::new(s.clone()), Box::new(s)),
+            ClientStream::Plain(s) => (
+                Box::new(s.clone()),
+                WriteHalf {
+                    tcp: s.clone(),
+                    w: Box::new(s),
+                },
+            ),
             ClientStream::Tls(s) => {
+                let tcp = s.get_ref().0.clone();
                 let (r, w) = futures::AsyncReadExt::split(*s);
-                (Box::new(r), Box::new(w))
+                (
+                    Box::new(r),
+                    WriteHalf {
+                        w: Box::new(w),
+                        tcp,
+                    },
+                )
             }
         }
     }
@@ -185,10 +214,23 @@ impl ClientStream {
 impl BackendStream {
     pub fn split(self) -> Halves {
         match self {
-            BackendStream::Plain(s) => (Box::new(s.clone()), Box::new(s)),
+            BackendStream::Plain(s) => (
+                Box::new(s.clone()),
+                WriteHalf {
+                    tcp: s.clone(),
+                    w: Box::new(s),
+                },
+            ),
             BackendStream::Tls(s) => {
+                let tcp = s.get_ref().0.clone();
                 let (r, w) = futures::AsyncReadExt::split(*s);
-                (Box::new(r), Box::new(w))
+                (
+                    Box::new(r),
+                    WriteHalf {
+                        w: Box::new(w),
+                        tcp,
+                    },
+                )
             }
         }
     }

@@ -10,7 +10,7 @@
 use crate::handshake::{is_reserved_upstream_header, read_response_head};
 use crate::relay::Control;
 use crate::rt;
-use crate::transport::Halves;
+use crate::transport::{Halves, WriteHalf};
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::http;
 use futures::channel::mpsc;
@@ -137,7 +137,7 @@ pub async fn copy_both(
 /// Copies `from` → `to` until `from` ends, then half-closes `to`.
 async fn copy_one(
     mut from: Box<dyn futures::AsyncRead + Unpin + Send>,
-    mut to: Box<dyn futures::AsyncWrite + Unpin + Send>,
+    mut to: WriteHalf,
     pending: &[u8],
     total: &mut u64,
 ) -> Result<(), String> {
@@ -149,7 +149,8 @@ async fn copy_one(
     loop {
         let n = from.read(&mut buf).await.map_err(|e| e.to_string())?;
         if n == 0 {
-            let _ = to.close().await;
+            // Pass the end on: the other side reads end-of-stream (a FIN), as it would direct.
+            to.shutdown().await;
             return Ok(());
         }
         to.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
