@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Per-message cost of the proxies under a fixed closed-loop load (64 B, 50 connections),
+# measured as differences between a short and a long run so setup costs cancel out.
+#
+#   bench/profile.sh syscalls  [targets]   syscalls per echoed message (perf tracepoint counts)
+#   bench/profile.sh callgrind [targets]   user-space instructions per message + top functions
+#
+# targets: any of wsgate-message wsgate-tunnel nginx haproxy (default: all for syscalls,
+# wsgate-message wsgate-tunnel for callgrind). Needs perf (linux-perf) / valgrind; builds
+# nothing: run bench/compare.sh --quick (or cargo build --release) first.
+# Output goes to bench/results/profile-<stamp>/ (callgrind.out files, annotated listings).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+MODE=${1:-syscalls}
+shift || true
+if [ $# -gt 0 ]; then TARGETS="$*"
+elif [ "$MODE" = callgrind ]; then TARGETS="wsgate-message wsgate-tunnel"
+else TARGETS="wsgate-message wsgate-tunnel nginx haproxy"; fi
+CONNS=50
+SHORT=${SHORT:-100}   # messages per connection, short run
+LONG=${LONG:-500}     # messages per connection, long run
+[ "$MODE" = callgrind ] && SHORT=${SHORT_CG:-40} LONG=${LONG_CG:-200}
+
+WSGATE=$ROOT/target/release/wsgate
+LOADGEN=$ROOT/target/release/loadgen
+ECHO=$ROOT/target/release/echo-backend
+OUT=$ROOT/bench/results/profile-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$OUT"
+TMP=$(mktemp -d /tmp/wsgate-profile.XXXXXX)
+declare -a PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do
+        for _ in $(seq 500); do kill -0 "$p" 2>/dev/null || break; sleep 0.02; done
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_log() {
+    local file=$1 pat=$2 deadline=$((SECONDS + ${3:-20}))
+    while [ $SECONDS -lt $deadline ]; do
+        grep -q "$pat" "$file" 2>/dev/null && return 0
+        sleep 0.01
+    done
+    echo "timed out waiting for '$pat' in $file" >&2; cat "$file" >&2; return 1
+}
+
+# Stops pid $1 and waits for it (bounded by $2 seconds), then KILL.
+stop_wait() {
+    local p=$1 n=$(( ${2:-5} * 50 ))
+    kill -"${3:-TERM}" "$p" 2>/dev/null || true
+    for _ in $(seq "$n"); do kill -0 "$p" 2>/dev/null || break; sleep 0.02; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+}
+
+BPORT=19180 PPORT=19181
+"$ECHO" --bind "127.0.0.1:$BPORT" --secs 3600 >"$TMP/echo.out" 2>&1 &
+PIDS+=($!)
+wait_log "$TMP/echo.out" "listening on"
+
+for t in message tunnel; do
+    cat >"$TMP/wsgate-$t.json" <<EOF
+{
+  "listeners": [ { "name": "bench", "bind": "127.0.0.1:$PPORT", "routes": [ { "path": "/", "pool": "echo" } ] } ],
+  "pools": { "echo": { "backends": [ { "address": "127.0.0.1:$BPORT" } ], "relay": "$t" } },
+  "timeouts": { "idle_ms": 3600000, "drain_ms": 1000 },
+  "limits": { "max_sessions": 100000 }
+}
+EOF
+done
+mkdir -p "$TMP/nginx"
+cat >"$TMP/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+master_process MASTER;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $TMP/nginx/body;
+    proxy_temp_path $TMP/nginx/proxy;
+    map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+    server {
+        listen 127.0.0.1:$PPORT;
+        location / {
+            proxy_pass http://127.0.0.1:$BPORT;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_read_timeout 3600s;
+        }
+    }
+}
+EOF
+sed 's/MASTER/on/' "$TMP/nginx/nginx.conf" >"$TMP/nginx/on.conf"
+sed 's/MASTER/off/' "$TMP/nginx/nginx.conf" >"$TMP/nginx/off.conf"
+cat >"$TMP/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+frontend fe
+    bind 127.0.0.1:$PPORT
+    default_backend be
+backend be
+    server echo 127.0.0.1:$BPORT
+EOF
+
+# Starts target $1, optionally under the wrapper in $WRAP; sets TPID (the process doing the
+# proxying: nginx's worker, not its master).
+start() {
+    local t=$1
+    : >"$TMP/proxy.err"
+    STOPPID=""
+    case "$t" in
+        wsgate-*)
+            ASYNC_STD_THREAD_COUNT=1 RUST_LOG="warn,wsgate_actors=info,wsgate_actors::session=warn" \
+                ${WRAP:-} "$WSGATE" --config "$TMP/$t.json" 2>"$TMP/proxy.err" >/dev/null &
+            TPID=$!
+            PIDS+=("$TPID")
+            wait_log "$TMP/proxy.err" "listening on" 120 ;;
+        nginx)
+            if [ -n "${WRAP:-}" ]; then
+                $WRAP nginx -p "$TMP/nginx" -c "$TMP/nginx/off.conf" 2>"$TMP/proxy.err" &
+                TPID=$!
+            else
+                nginx -p "$TMP/nginx" -c "$TMP/nginx/on.conf" 2>"$TMP/proxy.err" &
+                STOPPID=$!
+                PIDS+=("$STOPPID")
+                "$LOADGEN" wait-port --addr "127.0.0.1:$PPORT" --timeout-ms 10000
+                TPID=$(pgrep -P "$STOPPID" | head -1)
+            fi
+            PIDS+=("$TPID") ;;
+        haproxy)
+            ${WRAP:-} haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/proxy.err" 2>&1 &
+            TPID=$!
+            PIDS+=("$TPID") ;;
+    esac
+    STOPPID=${STOPPID:-$TPID}
+    "$LOADGEN" wait-port --addr "127.0.0.1:$PPORT" --timeout-ms 120000
+}
+
+load() { # messages per connection
+    "$LOADGEN" closed --addr "127.0.0.1:$PPORT" --conns $CONNS --size 64 --msgs "$1" --secs 600 \
+        --target profile | jq -c '{msgs, rate, faults}' >&2
+}
+
+SYSCALLS="recvfrom sendto read write readv writev epoll_wait epoll_pwait epoll_pwait2 epoll_ctl futex sendmsg recvmsg close accept4 sched_yield mmap munmap madvise brk timerfd_settime"
+EVENTS="raw_syscalls:sys_enter"
+for s in $SYSCALLS; do EVENTS="$EVENTS,syscalls:sys_enter_$s"; done
+
+# Syscall counts of the proxy over one load of $2 messages per connection.
+count_syscalls() { # target msgs outfile
+    start "$1"
+    perf stat -x, -e "$EVENTS" -p "$TPID" -o "$3" &
+    local perf=$!
+    PIDS+=("$perf")
+    sleep 0.3 # perf attaches asynchronously; nothing to poll for
+    load "$2"
+    stop_wait "$perf" 5 INT
+    stop_wait "$STOPPID" 5
+}
+
+case "$MODE" in
+    syscalls)
+        printf '%-16s %-26s %s\n' target syscall per_message | tee "$OUT/syscalls.txt"
+        for t in $TARGETS; do
+            count_syscalls "$t" "$SHORT" "$OUT/$t-short.csv"
+            count_syscalls "$t" "$LONG" "$OUT/$t-long.csv"
+            msgs=$(( (LONG - SHORT) * CONNS ))
+            awk -F, -v m="$msgs" -v t="$t" '
+                FNR == NR { if ($3 != "") short[$3] = $1; next }
+                $3 != "" { d = ($1 - short[$3]) / m; if (d > 0.005) printf "%-16s %-26s %.2f\n", t, $3, d }' \
+                "$OUT/$t-short.csv" "$OUT/$t-long.csv" |
+                sort -k3 -nr | tee -a "$OUT/syscalls.txt"
+        done ;;
+    callgrind)
+        for t in $TARGETS; do
+            for n in "$SHORT" "$LONG"; do
+                WRAP="valgrind --tool=callgrind --callgrind-out-file=$OUT/$t-$n.callgrind" start "$t"
+                load "$n"
+                stop_wait "$STOPPID" 60
+            done
+            a=$(grep -h '^summary:' "$OUT/$t-$SHORT.callgrind" | awk '{print $2}')
+            b=$(grep -h '^summary:' "$OUT/$t-$LONG.callgrind" | awk '{print $2}')
+            per=$(( (b - a) / ((LONG - SHORT) * CONNS) ))
+            echo "$t: $per user-space instructions per echoed 64 B message (both directions)" | tee -a "$OUT/summary.txt"
+            callgrind_annotate --inclusive=yes "$OUT/$t-$LONG.callgrind" >"$OUT/$t-inclusive.txt" 2>/dev/null || true
+            callgrind_annotate "$OUT/$t-$LONG.callgrind" >"$OUT/$t-self.txt" 2>/dev/null || true
+        done ;;
+    *) echo "usage: bench/profile.sh syscalls|callgrind [targets]" >&2; exit 2 ;;
+esac
+echo "output: $OUT" >&2
