@@ -11,7 +11,7 @@ use crate::config::{HealthCheckConfig, HealthKind};
 use crate::handshake::read_response_head;
 use crate::messages::{trace, Fault, HealthReport, PoolName};
 use crate::pool::BackendState;
-use crate::rt::{self, TcpStream};
+use crate::rt;
 use crate::shared::Shared;
 use async_tungstenite::tungstenite::Message;
 use futures::future::{AbortHandle, Abortable};
@@ -155,7 +155,8 @@ async fn check(
 ) -> Result<(), String> {
     let addr = backend.addr;
     let run = async {
-        let mut tcp = TcpStream::connect(addr)
+        // The same transport sessions use: TLS for `wss://` backends.
+        let mut tcp = crate::transport::dial(addr, backend.tls.as_ref(), timeout)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         match kind {

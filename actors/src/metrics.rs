@@ -16,6 +16,7 @@ pub struct Metrics {
     pub failovers_total: AtomicU64,
     pub actor_restarts_total: AtomicU64,
     pub session_panics_total: AtomicU64,
+    pub http_requests_total: AtomicU64,
     handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
 }
 
@@ -146,6 +147,13 @@ impl Metrics {
             "Sessions ended by a caught panic (close 1011).",
             "counter",
             self.session_panics_total.load(Relaxed),
+        );
+        g(
+            out,
+            "wsgate_http_requests_total",
+            "Plain HTTP requests passed through (pools with \"http\": true).",
+            "counter",
+            self.http_requests_total.load(Relaxed),
         );
     }
 }

@@ -126,6 +126,7 @@ struct Run {
     slot: Option<SessionSlot>,
     route: Option<String>,
     pool: Option<String>,
+    /// The backends the session was relayed through, in order (more than one after failover).
     backends_used: Vec<SocketAddr>,
     /// The client's request, kept to redo the upstream handshake on failover.
     head: Option<RequestHead>,
@@ -406,6 +407,10 @@ impl Run {
             return false;
         };
         let result = http_forward::forward(raw, &mut backend, &head_bytes, body, pending).await;
+        self.shared
+            .metrics
+            .http_requests_total
+            .fetch_add(1, Relaxed);
         let backend_addr = self
             .backends_used
             .last()
@@ -550,7 +555,6 @@ impl Run {
                     lease.switch_to(Arc::clone(b));
                 }
             }
-            self.backends_used.push(b.addr);
             let authority = b.addr.to_string();
             let Ok(req) = handshake::upstream_request(
                 head,
@@ -565,6 +569,7 @@ impl Run {
             match dial(b, req, cfg, timeouts.connect(), mode).await {
                 Ok(ok) => {
                     self.lease = lease;
+                    self.backends_used.push(b.addr);
                     return Ok(ok);
                 }
                 Err(DialError::Refused(resp)) => {
@@ -901,7 +906,7 @@ impl Run {
         };
         let backends: Vec<String> = self.backends_used.iter().map(ToString::to_string).collect();
         log::info!(
-            "access session={} client={} listener={} route={} pool={} backend={} duration_ms={} c2b_msgs={} b2c_msgs={} c2b_bytes={} b2c_bytes={} close={code} closed_by={} failovers={}",
+            "access session={} client={} listener={} route={} pool={} backend={} duration_ms={} c2b_msgs={} b2c_msgs={} c2b_bytes={} b2c_bytes={} close={code} closed_by={} failovers={} backends={}",
             self.id,
             self.peer,
             self.shared.listeners[self.listener].name,
@@ -919,6 +924,7 @@ impl Run {
                 ClosedBy::Gateway => "gateway",
             },
             self.failovers,
+            if backends.is_empty() { "-".to_string() } else { backends.join(",") },
         );
     }
 }
