@@ -368,7 +368,8 @@ case "${1:-}" in
     restart) restart_gateway "${2:-}" ;;
     reload) reload ;;
     *)
-        sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        # The comment block at the top of this file.
+        awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
         [[ -n "${1:-}" && "$1" != -h && "$1" != --help ]] && exit 2
         exit 0
         ;;

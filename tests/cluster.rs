@@ -516,7 +516,7 @@ async fn killed_backend_clients_keep_their_socket_and_room() {
     assert!(!moved.is_empty(), "some clients are on {victim}");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let speaking = task::spawn(speak(speaker, "s".into(), ms(25), stop.clone()));
+    let speaking = task::spawn(speak(speaker, "s".into(), ms(5), stop.clone()));
     join_all(ps.iter().map(|p| {
         p.inbox.wait("first messages", WAIT, |s| {
             (s.room_msgs().count() >= 5).then_some(())
