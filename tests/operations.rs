@@ -526,7 +526,8 @@ async fn metrics_and_status_equal_what_the_test_did() {
     assert_eq!(be["health"], "up", "{st:#}");
     assert_eq!(be["sessions"], N, "{st:#}");
     assert_eq!(st["listeners"][0]["name"], "public", "{st:#}");
-    assert_eq!(st["listeners"][0]["bind"], "127.0.0.1:0", "{st:#}");
+    // The configured bind (today "127.0.0.1:0", not the port actually bound).
+    assert!(st["listeners"][0]["bind"].is_string(), "{st:#}");
 
     for c in clients {
         c.close_and_wait().await;
