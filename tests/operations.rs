@@ -464,10 +464,9 @@ async fn sigterm_with_50_clients_all_get_1001_and_exit_0_within_drain() {
          ones by {worst_end_stubborn:?}; exit 0 at {exited:?}; {access_1001} access lines with \
          close=1001"
     );
-    assert!(
-        access_1001 >= 40,
-        "access lines with close=1001: {access_1001}\n{log}"
-    );
+    // Every session is logged before exit, the 10 that never answer the close included:
+    // the closing handshakes are bounded inside drain_ms.
+    assert_eq!(access_1001, 50, "access lines with close=1001\n{log}");
 }
 
 // ---------------------------------------------------------------------------------------------

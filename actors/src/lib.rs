@@ -41,13 +41,18 @@ pub struct Gateway {
 }
 
 /// Binds a listener's socket; the error is a one-line message naming it.
-async fn bind(name: &str, addr: SocketAddr) -> Result<Arc<rt::TcpListener>, String> {
+async fn bind(
+    name: &str,
+    addr: SocketAddr,
+    shared: &Shared,
+) -> Result<Arc<rt::TcpListener>, String> {
     let socket = rt::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("listener {name}: cannot bind {addr}: {e}"))?;
     let local = socket
         .local_addr()
         .map_err(|e| format!("listener {name}: {e}"))?;
+    shared.set_bound(name, local);
     log::info!("listener {name} listening on {local}");
     Ok(Arc::new(socket))
 }
@@ -61,7 +66,7 @@ pub async fn start(config: Config) -> Result<Gateway, String> {
     let mut listen_addrs = Vec::new();
     for (i, l) in config.listeners.iter().enumerate() {
         let name = config.listener_name(i);
-        let socket = bind(&name, l.bind).await?;
+        let socket = bind(&name, l.bind, &shared).await?;
         listen_addrs.push(socket.local_addr().map_err(|e| e.to_string())?);
         sockets.insert(name, socket);
     }
@@ -96,7 +101,7 @@ impl Gateway {
                 .listener_index(&name)
                 .is_some_and(|j| cur.config.listeners[j].bind == l.bind);
             if !unchanged {
-                sockets.insert(name.clone(), bind(&name, l.bind).await?);
+                sockets.insert(name.clone(), bind(&name, l.bind, &next).await?);
             }
         }
         let msg = messages::Reload {
@@ -119,9 +124,12 @@ impl Gateway {
             return 0;
         };
         shared.draining.store(true, Relaxed);
+        // The closing handshakes must end inside the drain, leaving time to log them.
+        let within = relay::CLOSE_TIMEOUT.min(drain.mul_f64(0.75));
         let going_away = || relay::Control::Close {
             code: 1001,
             reason: "going away",
+            within,
         };
         let n = shared.broadcast(going_away);
         log::info!(

@@ -48,8 +48,13 @@ pub enum Side {
 /// Control events the session actor sends into a running relay.
 #[derive(Debug)]
 pub enum Control {
-    /// End the session: the client gets `code`, the backend 1001 (drain, shutdown, backend down).
-    Close { code: u16, reason: &'static str },
+    /// End the session: the client gets `code`, the backend 1001 (drain, shutdown), and the
+    /// closing handshakes may take at most `within` (so a shutdown's drain_ms holds).
+    Close {
+        code: u16,
+        reason: &'static str,
+        within: Duration,
+    },
     /// The pool declared this backend down (health check, or drained by a reload): treat as
     /// loss if it is still the session's backend (a failed-over session ignores its old one).
     BackendDown(std::net::SocketAddr, String),
@@ -387,11 +392,11 @@ pub fn close_frame(code: u16, reason: &str) -> CloseFrame {
 
 /// Sends a close frame (if the socket can still take one) and waits, bounded, for the peer's
 /// answer; data arriving meanwhile is dropped (the other side is gone).
-pub async fn close_side<S>(ws: &mut WebSocketStream<S>, frame: Option<CloseFrame>)
+pub async fn close_side<S>(ws: &mut WebSocketStream<S>, frame: Option<CloseFrame>, within: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _ = crate::rt::timeout(CLOSE_TIMEOUT, async {
+    let _ = crate::rt::timeout(within, async {
         if ws.close(frame).await.is_err() {
             return;
         }
@@ -402,38 +407,13 @@ where
 
 /// Completes a side that already sent its close frame: flushes tungstenite's queued reply and
 /// reads until the socket ends, bounded.
-pub async fn finish_closed_side<S>(ws: &mut WebSocketStream<S>)
+pub async fn finish_closed_side<S>(ws: &mut WebSocketStream<S>, within: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _ = crate::rt::timeout(CLOSE_TIMEOUT, async {
+    let _ = crate::rt::timeout(within, async {
         let _ = ws.flush().await;
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
-}
-
-/// Runs both closing handshakes concurrently.
-pub async fn close_both<C, B>(
-    client: &mut WebSocketStream<C>,
-    client_frame: Option<Option<CloseFrame>>,
-    backend: &mut WebSocketStream<B>,
-    backend_frame: Option<Option<CloseFrame>>,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let c = async {
-        match client_frame {
-            Some(f) => close_side(client, f).await,
-            None => finish_closed_side(client).await,
-        }
-    };
-    let b = async {
-        match backend_frame {
-            Some(f) => close_side(backend, f).await,
-            None => finish_closed_side(backend).await,
-        }
-    };
-    futures::join!(c, b);
 }

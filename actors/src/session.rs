@@ -138,6 +138,8 @@ struct Run {
     tunnel: Option<TunnelIo>,
     tunnel_counts: TunnelCounts,
     close: Option<(u16, ClosedBy)>,
+    /// How long the closing handshakes may take (shorter inside a shutdown's drain).
+    close_wait: std::time::Duration,
     failovers: u32,
     fault: Fault,
 }
@@ -172,6 +174,7 @@ async fn run(
         tunnel: None,
         tunnel_counts: TunnelCounts::default(),
         close: None,
+        close_wait: relay::CLOSE_TIMEOUT,
         failovers: 0,
         fault: Fault::default(),
     };
@@ -339,9 +342,11 @@ impl Run {
         self.shared.metrics.sessions_total.fetch_add(1, Relaxed);
         if self.shared.draining.load(Relaxed) {
             // Shutting down: this session missed the broadcast; end it the same way.
+            let within = relay::CLOSE_TIMEOUT.min(self.config.timeouts.drain().mul_f64(0.5));
             let _ = me.send(SessionControl(Control::Close {
                 code: 1001,
                 reason: "going away",
+                within,
             }));
         }
         #[cfg(feature = "fault-injection")]
@@ -769,11 +774,18 @@ impl Run {
                 Some(Some(close_frame(1001, "idle timeout"))),
                 (1001, ClosedBy::Gateway),
             ),
-            Outcome::Control(Control::Close { code, reason }) => (
-                Some(Some(close_frame(code, reason))),
-                Some(going_away()),
-                (code, ClosedBy::Gateway),
-            ),
+            Outcome::Control(Control::Close {
+                code,
+                reason,
+                within,
+            }) => {
+                self.close_wait = within;
+                (
+                    Some(Some(close_frame(code, reason))),
+                    Some(going_away()),
+                    (code, ClosedBy::Gateway),
+                )
+            }
             Outcome::ControlLost => (
                 Some(Some(close_frame(1011, "internal error"))),
                 Some(going_away()),
@@ -829,19 +841,20 @@ impl Run {
         client_frame: Option<Option<CloseFrame>>,
         backend_frame: Option<Option<CloseFrame>>,
     ) {
+        let wait = self.close_wait;
         let c = async {
             if let Some(ws) = self.client.as_mut() {
                 match client_frame {
-                    Some(f) => relay::close_side(ws, f).await,
-                    None => relay::finish_closed_side(ws).await,
+                    Some(f) => relay::close_side(ws, f, wait).await,
+                    None => relay::finish_closed_side(ws, wait).await,
                 }
             }
         };
         let b = async {
             if let Some(ws) = self.backend.as_mut() {
                 match backend_frame {
-                    Some(f) => relay::close_side(ws, f).await,
-                    None => relay::finish_closed_side(ws).await,
+                    Some(f) => relay::close_side(ws, f, wait).await,
+                    None => relay::finish_closed_side(ws, wait).await,
                 }
             }
         };

@@ -58,6 +58,8 @@ pub struct Shared {
     per_ip: Arc<Mutex<HashMap<IpAddr, u64>>>,
     /// Set at shutdown: sessions finishing their handshake close at once with 1001.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The address each listener is really bound to (port 0 resolved), by name.
+    bound: Arc<Mutex<HashMap<String, std::net::SocketAddr>>>,
     /// Every backend any generation had, so shutdown reaches sessions on removed ones too.
     all_backends: Arc<Mutex<Vec<std::sync::Weak<crate::pool::BackendState>>>>,
 }
@@ -127,8 +129,17 @@ impl Shared {
                 .unwrap_or_default(),
             per_ip: prev.map(|s| Arc::clone(&s.per_ip)).unwrap_or_default(),
             draining: prev.map(|s| Arc::clone(&s.draining)).unwrap_or_default(),
+            bound: prev.map(|s| Arc::clone(&s.bound)).unwrap_or_default(),
             all_backends,
         }))
+    }
+
+    /// Records where a listener's socket is bound (shown by `/status`).
+    pub fn set_bound(&self, name: &str, addr: std::net::SocketAddr) {
+        self.bound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), addr);
     }
 
     /// The listener's index in this generation.
@@ -251,6 +262,7 @@ impl Shared {
                 serde_json::json!({
                     "name": l.name,
                     "bind": self.config.listeners[i].bind.to_string(),
+                    "bound": self.bound.lock().unwrap_or_else(PoisonError::into_inner).get(&l.name).map(ToString::to_string),
                     "actor": if l.addr.get().is_some() { "running" } else { "restarting" },
                 })
             })

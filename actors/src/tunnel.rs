@@ -124,6 +124,7 @@ pub async fn copy_both(
                 r.map_or_else(TunnelEnd::Failed, |()| TunnelEnd::BackendClosed)
             }
             Either::Right((c, _)) => TunnelEnd::Control(c.unwrap_or(Control::Close {
+                within: crate::relay::CLOSE_TIMEOUT,
                 code: 1011,
                 reason: "internal error",
             })),
