@@ -4,6 +4,8 @@
 #
 #   bench/profile.sh syscalls  [targets]   syscalls per echoed message (perf tracepoint counts)
 #   bench/profile.sh callgrind [targets]   user-space instructions per message + top functions
+#   bench/profile.sh callgrind-handshake [targets]   instructions per session (connect, upgrade,
+#                                          one echo, close), 10 concurrent clients, 2 s vs 8 s
 #
 # targets: any of wsgate-message wsgate-tunnel nginx haproxy (default: all for syscalls,
 # wsgate-message wsgate-tunnel for callgrind). Needs perf (linux-perf) / valgrind; builds
@@ -21,6 +23,7 @@ CONNS=50
 SHORT=${SHORT:-100}   # messages per connection, short run
 LONG=${LONG:-500}     # messages per connection, long run
 [ "$MODE" = callgrind ] && SHORT=${SHORT_CG:-40} LONG=${LONG_CG:-200}
+[ "$MODE" = callgrind-handshake ] && [ $# -eq 0 ] && TARGETS="wsgate-message wsgate-tunnel nginx haproxy"
 
 WSGATE=$ROOT/target/release/wsgate
 LOADGEN=$ROOT/target/release/loadgen
@@ -201,6 +204,22 @@ case "$MODE" in
             callgrind_annotate --inclusive=yes "$OUT/$t-$LONG.callgrind" >"$OUT/$t-inclusive.txt" 2>/dev/null || true
             callgrind_annotate "$OUT/$t-$LONG.callgrind" >"$OUT/$t-self.txt" 2>/dev/null || true
         done ;;
-    *) echo "usage: bench/profile.sh syscalls|callgrind [targets]" >&2; exit 2 ;;
+    callgrind-handshake)
+        for t in $TARGETS; do
+            declare -A SESS=()
+            for secs in 2 8; do
+                WRAP="valgrind --tool=callgrind --callgrind-out-file=$OUT/$t-hs$secs.callgrind" start "$t"
+                SESS[$secs]=$("$LOADGEN" handshake --addr "127.0.0.1:$PPORT" --conns 10 --secs "$secs" \
+                    --target profile | jq -r '.sessions')
+                stop_wait "$STOPPID" 60
+            done
+            a=$(grep -h '^summary:' "$OUT/$t-hs2.callgrind" | awk '{print $2}')
+            b=$(grep -h '^summary:' "$OUT/$t-hs8.callgrind" | awk '{print $2}')
+            per=$(( (b - a) / (SESS[8] - SESS[2]) ))
+            echo "$t: $per user-space instructions per session (${SESS[2]} and ${SESS[8]} sessions)" | tee -a "$OUT/summary.txt"
+            callgrind_annotate --inclusive=yes "$OUT/$t-hs8.callgrind" >"$OUT/$t-hs-inclusive.txt" 2>/dev/null || true
+            callgrind_annotate "$OUT/$t-hs8.callgrind" >"$OUT/$t-hs-self.txt" 2>/dev/null || true
+        done ;;
+    *) echo "usage: bench/profile.sh syscalls|callgrind|callgrind-handshake [targets]" >&2; exit 2 ;;
 esac
 echo "output: $OUT" >&2
