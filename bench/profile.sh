@@ -4,6 +4,7 @@
 #
 #   bench/profile.sh syscalls  [targets]   syscalls per echoed message (perf tracepoint counts)
 #   bench/profile.sh callgrind [targets]   user-space instructions per message + top functions
+#   bench/profile.sh massif [targets]      heap per idle session (1,000 sessions), wsgate
 #   bench/profile.sh callgrind-handshake [targets]   instructions per session (connect, upgrade,
 #                                          one echo, close), 10 concurrent clients, 2 s vs 8 s
 #
@@ -23,6 +24,7 @@ CONNS=50
 SHORT=${SHORT:-100}   # messages per connection, short run
 LONG=${LONG:-500}     # messages per connection, long run
 [ "$MODE" = callgrind ] && SHORT=${SHORT_CG:-40} LONG=${LONG_CG:-200}
+[ "$MODE" = massif ] && [ $# -eq 0 ] && TARGETS="wsgate-message wsgate-tunnel"
 [ "$MODE" = callgrind-handshake ] && [ $# -eq 0 ] && TARGETS="wsgate-message wsgate-tunnel nginx haproxy"
 
 WSGATE=$ROOT/target/release/wsgate
@@ -220,6 +222,17 @@ case "$MODE" in
             callgrind_annotate --inclusive=yes "$OUT/$t-hs8.callgrind" >"$OUT/$t-hs-inclusive.txt" 2>/dev/null || true
             callgrind_annotate "$OUT/$t-hs8.callgrind" >"$OUT/$t-hs-self.txt" 2>/dev/null || true
         done ;;
-    *) echo "usage: bench/profile.sh syscalls|callgrind|callgrind-handshake [targets]" >&2; exit 2 ;;
+    massif)
+        for t in $TARGETS; do
+            WRAP="valgrind --tool=massif --detailed-freq=1 --max-snapshots=60 --massif-out-file=$OUT/$t.massif" start "$t"
+            "$LOADGEN" idle --addr "127.0.0.1:$PPORT" --sessions 1000 --procs 2 --hold 3 --target profile \
+                | jq -c '{established, faults}' >&2
+            stop_wait "$STOPPID" 60
+            ms_print --threshold=2 "$OUT/$t.massif" >"$OUT/$t-massif.txt"
+            # Largest useful-heap column of the snapshot table.
+            peak=$(awk 'NR > 1 && $1 ~ /^[0-9]+$/ && NF >= 5 { gsub(",", "", $4); if ($4 + 0 > m) m = $4 + 0 } END { print m }' "$OUT/$t-massif.txt")
+            echo "$t: peak useful heap $peak B = $((peak / 1000)) B per session (1,000 sessions); tree: $OUT/$t-massif.txt" | tee -a "$OUT/summary.txt"
+        done ;;
+    *) echo "usage: bench/profile.sh syscalls|callgrind|callgrind-handshake|massif [targets]" >&2; exit 2 ;;
 esac
 echo "output: $OUT" >&2
