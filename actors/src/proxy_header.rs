@@ -89,7 +89,9 @@ mod tests {
     /// Sends `bytes` to a fresh loopback connection and reads the PROXY header off it.
     fn roundtrip(bytes: &'static [u8]) -> (Result<Option<SocketAddr>, String>, Vec<u8>) {
         rt::block_on(async move {
-            let l = rt::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let l = rt::TcpListener::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
             let addr = l.local_addr().unwrap();
             let w = rt::spawn(async move {
                 let mut c = TcpStream::connect(addr).await.unwrap();

@@ -1,11 +1,27 @@
 //! The runtime seam: every call into the async runtime goes through here, so moving from
 //! async-std (deprecated upstream) to smol is a change to this file alone.
+//!
+//! Sockets are our own thin types over `async_io::Async` — the reactor async-std runs on and
+//! smol is built on — so the gateway controls two things the async-std types hide: the
+//! listen backlog, and how a read waits for the next readiness event (see
+//! [`TcpStream`]'s `poll_read`).
 
+use futures::io::{AsyncRead, AsyncWrite};
 use std::future::Future;
+use std::io::{self, Read};
+use std::net::{self, Shutdown, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-pub use async_std::net::{TcpListener, TcpStream};
+use async_io::Async;
+
 pub use async_std::task::JoinHandle;
+
+/// Connections a listener lets the kernel queue before accepting them (std's default is 128;
+/// nginx uses 511): bursts of new sessions must not time out in the SYN queue.
+const LISTEN_BACKLOG: i32 = 1024;
 
 /// Runs a future to completion on the current thread (process entry points only).
 pub fn block_on<F: Future>(f: F) -> F::Output {
@@ -41,3 +57,102 @@ impl std::fmt::Display for Elapsed {
 
 /// A one-shot timer that can be re-armed without allocating; polled in the relay loop.
 pub type Timer = async_io::Timer;
+
+/// A listening TCP socket.
+pub struct TcpListener(Async<net::TcpListener>);
+
+impl TcpListener {
+    /// Binds with `SO_REUSEADDR` and a backlog of [`LISTEN_BACKLOG`].
+    pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        Ok(TcpListener(Async::new(net::TcpListener::from(socket))?))
+    }
+
+    pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let (s, peer) = self.0.accept().await?;
+        Ok((TcpStream(Arc::new(s)), peer))
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+}
+
+/// A TCP connection. Cloning shares the socket (the tunnel's two copy loops use one each).
+#[derive(Clone)]
+pub struct TcpStream(Arc<Async<net::TcpStream>>);
+
+impl TcpStream {
+    pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+        Ok(TcpStream(Arc::new(
+            Async::<net::TcpStream>::connect(addr).await?,
+        )))
+    }
+
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        self.0.get_ref().set_nodelay(on)
+    }
+
+    /// Half-closes the connection (`Shutdown::Write` sends a FIN).
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        self.0.get_ref().shutdown(how)
+    }
+
+    /// Waits for data and copies it without consuming it.
+    pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.peek(buf).await
+    }
+}
+
+impl AsyncRead for TcpStream {
+    /// One read attempt per readiness event. async-io reports each delivered event once: a
+    /// `Ready` from `poll_readable` right after a read returned EAGAIN is the event whose data
+    /// was just read, so the loop registers again rather than try another read that would
+    /// return EAGAIN too (that pair cost two failed `recvfrom` per message and direction).
+    /// No data is missed: re-arming the one-shot epoll interest reports data that arrived in
+    /// between at once.
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let io = &*self.0;
+        loop {
+            match io.get_ref().read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                res => return Poll::Ready(res),
+            }
+            match io.poll_readable(cx) {
+                Poll::Ready(Ok(())) => {}
+                other => return other.map(|r| r.map(|()| 0)),
+            }
+            match io.poll_readable(cx) {
+                Poll::Ready(Ok(())) => continue, // a genuinely new event
+                other => return other.map(|r| r.map(|()| 0)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TcpStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &*self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.0).poll_flush(cx)
+    }
+
+    /// Flushes only, like async-io's; use [`TcpStream::shutdown`] for a FIN.
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.0).poll_close(cx)
+    }
+}
