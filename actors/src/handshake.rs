@@ -102,7 +102,9 @@ async fn read_parsed<S, T>(
 where
     S: AsyncRead + Unpin,
 {
-    let mut chunk = [0u8; 4096];
+    // Reads land in `buf` itself: a chunk array here would sit in every session's handshake
+    // state (and, with many handshakes at once, in the allocator's high-water mark).
+    const STEP: usize = 1024;
     loop {
         if !buf.is_empty() {
             if let Some(done) = parse(buf)? {
@@ -112,11 +114,19 @@ where
         if buf.len() >= MAX_HEAD_BYTES {
             return Err(HeadError::TooLarge);
         }
-        let n = stream.read(&mut chunk).await.map_err(HeadError::Io)?;
+        let len = buf.len();
+        buf.resize(len + STEP, 0);
+        let n = match stream.read(&mut buf[len..]).await {
+            Ok(n) => n,
+            Err(e) => {
+                buf.truncate(len);
+                return Err(HeadError::Io(e));
+            }
+        };
+        buf.truncate(len + n);
         if n == 0 {
             return Err(HeadError::Eof);
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
