@@ -74,7 +74,7 @@ impl TcpListener {
 
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let (s, peer) = self.0.accept().await?;
-        Ok((TcpStream(Arc::new(s)), peer))
+        Ok((TcpStream(Arc::new(s), Drained::default()), peer))
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -84,13 +84,19 @@ impl TcpListener {
 
 /// A TCP connection. Cloning shares the socket (the tunnel's two copy loops use one each).
 #[derive(Clone)]
-pub struct TcpStream(Arc<Async<net::TcpStream>>);
+pub struct TcpStream(Arc<Async<net::TcpStream>>, Drained);
+
+/// Whether this handle's last read returned less than it asked for: a TCP socket's receive
+/// queue was empty at that moment, so another read now would only return EAGAIN.
+#[derive(Clone, Copy, Default)]
+struct Drained(bool);
 
 impl TcpStream {
     pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-        Ok(TcpStream(Arc::new(
-            Async::<net::TcpStream>::connect(addr).await?,
-        )))
+        Ok(TcpStream(
+            Arc::new(Async::<net::TcpStream>::connect(addr).await?),
+            Drained::default(),
+        ))
     }
 
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
@@ -109,32 +115,52 @@ impl TcpStream {
 }
 
 impl AsyncRead for TcpStream {
-    /// One read attempt per readiness event. async-io reports each delivered event once: a
-    /// `Ready` from `poll_readable` right after a read returned EAGAIN is the event whose data
-    /// was just read, so the loop registers again rather than try another read that would
-    /// return EAGAIN too (that pair cost two failed `recvfrom` per message and direction).
-    /// No data is missed: re-arming the one-shot epoll interest reports data that arrived in
-    /// between at once.
+    /// One read attempt per readiness event, and none that is known to find nothing:
+    /// - after a short read (the receive queue was emptied), the next call waits for the next
+    ///   event instead of reading;
+    /// - async-io reports each delivered event once: a `Ready` from `poll_readable` right
+    ///   after a read is the event whose data was just read, so it registers again rather than
+    ///   read again.
+    ///
+    /// Either way such a read would have returned EAGAIN: a `recvfrom` per message and
+    /// direction saved. No data is missed: re-arming the one-shot epoll interest reports data
+    /// that arrived in between at once.
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let io = &*self.0;
-        loop {
-            match io.get_ref().read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                res => return Poll::Ready(res),
-            }
-            match io.poll_readable(cx) {
+        let this = self.get_mut();
+        let io = &*this.0;
+        if std::mem::take(&mut this.1 .0) {
+            match wait_readable(io, cx) {
                 Poll::Ready(Ok(())) => {}
                 other => return other.map(|r| r.map(|()| 0)),
             }
-            match io.poll_readable(cx) {
+        }
+        loop {
+            match io.get_ref().read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(n) => {
+                    this.1 .0 = n > 0 && n < buf.len();
+                    return Poll::Ready(Ok(n));
+                }
+                res => return Poll::Ready(res),
+            }
+            match wait_readable(io, cx) {
                 Poll::Ready(Ok(())) => continue, // a genuinely new event
                 other => return other.map(|r| r.map(|()| 0)),
             }
         }
+    }
+}
+
+/// Registers for the next readable event, skipping the one already consumed: `Pending` once
+/// registered, `Ready` only for an event newer than the last read.
+fn wait_readable(io: &Async<net::TcpStream>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    match io.poll_readable(cx) {
+        Poll::Ready(Ok(())) => io.poll_readable(cx),
+        other => other,
     }
 }
 

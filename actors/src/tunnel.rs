@@ -8,12 +8,13 @@
 //! kept and relayed, never swallowed by a WebSocket library's buffer.
 
 use crate::handshake::{is_reserved_upstream_header, read_response_head};
-use crate::relay::Control;
+use crate::relay::{Control, Side};
 use crate::rt;
 use crate::transport::{Halves, WriteHalf};
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::http;
 use futures::channel::mpsc;
+use futures::stream::FuturesUnordered;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use std::time::{Duration, Instant};
 
@@ -112,17 +113,34 @@ pub async fn copy_both(
     let (mut c2b_total, mut b2c_total) = (0u64, 0u64);
     let end = {
         let ((client_r, client_w), (backend_r, backend_w)) = (client, backend);
-        let c2b = Box::pin(copy_one(client_r, backend_w, pending_c2b, &mut c2b_total));
-        let b2c = Box::pin(copy_one(backend_r, client_w, pending_b2c, &mut b2c_total));
-        match select(select(c2b, b2c), control.next()).await {
-            Either::Left((Either::Left((r, rest)), _)) => {
-                let _ = rt::timeout(crate::relay::CLOSE_TIMEOUT, rest).await;
-                r.map_or_else(TunnelEnd::Failed, |()| TunnelEnd::ClientClosed)
+        // In a FuturesUnordered each copy loop has its own waker, so a wakeup polls only the
+        // loop whose socket is ready (a select would try a read on the other socket too).
+        let mut copies = FuturesUnordered::new();
+        copies.push(Box::pin(copy_one(
+            client_r,
+            backend_w,
+            pending_c2b,
+            &mut c2b_total,
+            Side::Client,
+        )));
+        copies.push(Box::pin(copy_one(
+            backend_r,
+            client_w,
+            pending_b2c,
+            &mut b2c_total,
+            Side::Backend,
+        )));
+        match select(copies.next(), control.next()).await {
+            Either::Left((Some((side, r)), _)) => {
+                // That side ended; the other gets CLOSE_TIMEOUT to finish passing its close.
+                let _ = rt::timeout(crate::relay::CLOSE_TIMEOUT, copies.next()).await;
+                match (side, r) {
+                    (_, Err(e)) => TunnelEnd::Failed(e),
+                    (Side::Client, Ok(())) => TunnelEnd::ClientClosed,
+                    (Side::Backend, Ok(())) => TunnelEnd::BackendClosed,
+                }
             }
-            Either::Left((Either::Right((r, rest)), _)) => {
-                let _ = rt::timeout(crate::relay::CLOSE_TIMEOUT, rest).await;
-                r.map_or_else(TunnelEnd::Failed, |()| TunnelEnd::BackendClosed)
-            }
+            Either::Left((None, _)) => TunnelEnd::ClientClosed,
             Either::Right((c, _)) => TunnelEnd::Control(c.unwrap_or(Control::Close {
                 within: crate::relay::CLOSE_TIMEOUT,
                 code: 1011,
@@ -139,6 +157,17 @@ pub async fn copy_both(
 async fn copy_one(
     mut from: Box<dyn futures::AsyncRead + Unpin + Send>,
     mut to: WriteHalf,
+    pending: &[u8],
+    total: &mut u64,
+    from_side: Side,
+) -> (Side, Result<(), String>) {
+    let r = copy(&mut from, &mut to, pending, total).await;
+    (from_side, r)
+}
+
+async fn copy(
+    from: &mut Box<dyn futures::AsyncRead + Unpin + Send>,
+    to: &mut WriteHalf,
     pending: &[u8],
     total: &mut u64,
 ) -> Result<(), String> {
