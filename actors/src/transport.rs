@@ -71,6 +71,38 @@ macro_rules! delegate_io {
 delegate_io!(ClientStream);
 delegate_io!(BackendStream);
 
+macro_rules! splittable {
+    ($t:ident) => {
+        impl $t {
+            /// Read and write halves for the tunnel's two copy loops.
+            pub fn split(self) -> Halves {
+                match self {
+                    $t::Plain(s) => (
+                        Box::new(s.clone()),
+                        WriteHalf {
+                            tcp: s.clone(),
+                            w: Box::new(s),
+                        },
+                    ),
+                    $t::Tls(s) => {
+                        let tcp = s.get_ref().0.clone();
+                        let (r, w) = futures::AsyncReadExt::split(*s);
+                        (
+                            Box::new(r),
+                            WriteHalf {
+                                w: Box::new(w),
+                                tcp,
+                            },
+                        )
+                    }
+                }
+            }
+        }
+    };
+}
+splittable!(ClientStream);
+splittable!(BackendStream);
+
 /// TLS settings of one backend: the connector and the name its certificate must carry.
 #[derive(Clone)]
 pub struct BackendTls {
@@ -185,53 +217,3 @@ impl WriteHalf {
 /// A read half and a write half of a connection, for the tunnel's two copy loops. Plain TCP
 /// splits without a lock (the socket is shared); TLS through futures' `split`.
 pub type Halves = (Box<dyn AsyncRead + Unpin + Send>, WriteHalf);
-
-impl ClientStream {
-    pub fn split(self) -> Halves {
-        match self {
-            ClientStream::Plain(s) => (
-                Box::new(s.clone()),
-                WriteHalf {
-                    tcp: s.clone(),
-                    w: Box::new(s),
-                },
-            ),
-            ClientStream::Tls(s) => {
-                let tcp = s.get_ref().0.clone();
-                let (r, w) = futures::AsyncReadExt::split(*s);
-                (
-                    Box::new(r),
-                    WriteHalf {
-                        w: Box::new(w),
-                        tcp,
-                    },
-                )
-            }
-        }
-    }
-}
-
-impl BackendStream {
-    pub fn split(self) -> Halves {
-        match self {
-            BackendStream::Plain(s) => (
-                Box::new(s.clone()),
-                WriteHalf {
-                    tcp: s.clone(),
-                    w: Box::new(s),
-                },
-            ),
-            BackendStream::Tls(s) => {
-                let tcp = s.get_ref().0.clone();
-                let (r, w) = futures::AsyncReadExt::split(*s);
-                (
-                    Box::new(r),
-                    WriteHalf {
-                        w: Box::new(w),
-                        tcp,
-                    },
-                )
-            }
-        }
-    }
-}
