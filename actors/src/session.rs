@@ -722,8 +722,10 @@ impl Run {
                                 "session#{}: {lost}; failover failed ({e}); staying on {addr}",
                                 self.id
                             );
+                            // A failed failover leaves `backends_used` as it was: `addr` is
+                            // still its last entry.
+                            debug_assert_eq!(self.backends_used.last(), Some(&addr));
                             self.backend = Some(ws);
-                            self.backends_used.push(addr);
                             continue;
                         }
                         log::info!(
