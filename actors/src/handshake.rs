@@ -36,7 +36,7 @@ pub fn is_reserved_upstream_header(name: &str) -> bool {
 use crate::config::HeadersConfig;
 use async_tungstenite::tungstenite::handshake::client::generate_key;
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
-use async_tungstenite::tungstenite::http::{self, HeaderValue};
+use async_tungstenite::tungstenite::http;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use std::io;
 use std::net::IpAddr;
@@ -202,18 +202,19 @@ pub struct ResponseHead {
 }
 
 impl ResponseHead {
-    /// As an `http::Response` (for code shared with tungstenite's handshake types).
-    pub fn to_http(&self, body: Option<Vec<u8>>) -> http::Response<Option<Vec<u8>>> {
-        let mut b = http::Response::builder().status(self.status);
-        for (name, value) in &self.headers {
-            if let (Ok(n), Ok(v)) = (
-                http::HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_bytes(value),
-            ) {
-                b = b.header(n, v);
-            }
-        }
-        b.body(body).unwrap_or_else(|_| http::Response::new(None))
+    /// The first value of a header, if it is valid UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .map(str::trim)
+    }
+
+    /// Whether a comma-separated header lists `token`.
+    pub fn header_has_token(&self, name: &str, token: &str) -> bool {
+        self.header(name)
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     }
 }
 
@@ -272,35 +273,34 @@ pub struct ClientInfo {
     pub tls: bool,
 }
 
-/// Builds the gateway's own upgrade request toward a backend: the client's path and query
-/// unchanged, its end-to-end headers (never hop-by-hop ones), the subprotocol offer,
-/// `X-Forwarded-*` / `X-Real-IP` when `headers.forwarded`, then `headers.set`.
-/// `pass_extensions` forwards `Sec-WebSocket-Extensions` (tunnel relay only).
+/// The gateway's own upgrade request toward a backend, written as bytes, and the
+/// `Sec-WebSocket-Key` it carries: the client's path and query unchanged, its end-to-end
+/// headers (never hop-by-hop ones), the subprotocol offer, `X-Forwarded-*` / `X-Real-IP`
+/// when `headers.forwarded`, then `headers.set`. `pass_extensions` forwards
+/// `Sec-WebSocket-Extensions` (tunnel relay only). Header values are the client's as
+/// httparse accepted them, and `headers.set` is validated at load: no CR/LF can get in.
 pub fn upstream_request(
     head: &RequestHead,
     authority: &str,
     client: ClientInfo,
     cfg: &HeadersConfig,
     pass_extensions: bool,
-    upstream_tls: bool,
-) -> Result<http::Request<()>, http::Error> {
-    let host = head.header("host").unwrap_or(authority).to_string();
-    let scheme = if client.tls { "https" } else { "http" };
-    let mut b = http::Request::builder()
-        .method("GET")
-        // tungstenite wants an absolute ws:// URI; only its path and query go on the wire.
-        .uri(format!(
-            "{}://{authority}{}",
-            if upstream_tls { "wss" } else { "ws" },
-            head.target
-        ))
-        .header("Host", host.as_str())
-        .header("Connection", "Upgrade")
-        .header("Upgrade", "websocket")
-        .header("Sec-WebSocket-Version", "13")
-        .header("Sec-WebSocket-Key", generate_key());
-    // Headers the client's Connection header names are hop-by-hop too.
-    let connection_named = |name: &str| head.header_has_token("connection", name);
+) -> (Vec<u8>, String) {
+    let key = generate_key();
+    let host = head.header("host").unwrap_or(authority);
+    let mut out = Vec::with_capacity(512);
+    put_line(&mut out, &head.target);
+    let mut put = |name: &str, value: &[u8]| {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
+    put("Host", host.as_bytes());
+    put("Connection", b"Upgrade");
+    put("Upgrade", b"websocket");
+    put("Sec-WebSocket-Version", b"13");
+    put("Sec-WebSocket-Key", key.as_bytes());
     let forwarded_names = [
         "x-forwarded-for",
         "x-forwarded-proto",
@@ -313,7 +313,7 @@ pub fn upstream_request(
         let pass_ext = pass_extensions && lname == "sec-websocket-extensions";
         let protocol = lname == "sec-websocket-protocol";
         if (is_reserved_upstream_header(&lname) && !pass_ext && !protocol)
-            || connection_named(&lname)
+            || head.header_has_token("connection", &lname)
         {
             continue;
         }
@@ -330,7 +330,7 @@ pub fn upstream_request(
         if cfg.set.keys().any(|k| k.eq_ignore_ascii_case(name)) {
             continue;
         }
-        b = b.header(name.as_str(), HeaderValue::from_bytes(value)?);
+        put(name, value);
     }
     if cfg.forwarded {
         let ip = client.ip.to_string();
@@ -338,23 +338,90 @@ pub fn upstream_request(
             Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
             _ => ip.clone(),
         };
-        b = b
-            .header("X-Forwarded-For", xff)
-            .header("X-Forwarded-Proto", scheme)
-            .header("X-Forwarded-Host", host.as_str())
-            .header("X-Real-IP", ip);
+        put("X-Forwarded-For", xff.as_bytes());
+        put(
+            "X-Forwarded-Proto",
+            if client.tls { b"https" } else { b"http" },
+        );
+        put("X-Forwarded-Host", host.as_bytes());
+        put("X-Real-IP", ip.as_bytes());
     }
     for (k, v) in &cfg.set {
-        b = b.header(k.as_str(), v.as_str());
+        put(k, v.as_bytes());
     }
-    b.body(())
+    out.extend_from_slice(b"\r\n");
+    (out, key)
+}
+
+fn put_line(out: &mut Vec<u8>, target: &str) {
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+}
+
+/// A backend's answer to the upgrade: its response head, and bytes it sent after it (frames
+/// for a 101, body for a refusal).
+pub struct Upgraded {
+    pub response: ResponseHead,
+    pub rest: Vec<u8>,
+}
+
+/// Sends an upgrade request and reads the answer within `timeout`: `Ok` for a 101 that checks
+/// out (accept key, `Upgrade`/`Connection`, a subprotocol the client offered); `Err(Ok(..))`
+/// for any other status, for the caller to judge (4xx passed to the client, 5xx retried);
+/// `Err(Err(reason))` for transport and protocol problems. Whatever the backend sent after
+/// its head is kept, so nothing is swallowed by a library's buffer.
+pub async fn raw_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    request: &[u8],
+    key: &str,
+    offered: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<Upgraded, Result<Upgraded, String>> {
+    let io = async {
+        stream
+            .write_all(request)
+            .await
+            .map_err(|e| Err(format!("upgrade: {e}")))?;
+        let mut buf = Vec::with_capacity(1024);
+        let (response, len) = read_response_head(stream, &mut buf)
+            .await
+            .map_err(|e| Err(format!("upgrade: {e}")))?;
+        let rest = buf.split_off(len);
+        let up = Upgraded { response, rest };
+        if up.response.status != 101 {
+            return Err(Ok(up));
+        }
+        let r = &up.response;
+        if r.header("sec-websocket-accept") != Some(derive_accept_key(key.as_bytes()).as_str()) {
+            return Err(Err("upgrade: wrong Sec-WebSocket-Accept".to_string()));
+        }
+        if !r.header_has_token("upgrade", "websocket")
+            || !r.header_has_token("connection", "upgrade")
+        {
+            return Err(Err("upgrade: 101 without Upgrade: websocket".to_string()));
+        }
+        if let Some(chosen) = r.header("sec-websocket-protocol") {
+            let was_offered = offered.is_some_and(|o| o.split(',').any(|p| p.trim() == chosen));
+            if !was_offered {
+                return Err(Err(format!(
+                    "upgrade: backend chose subprotocol {chosen:?}, not offered"
+                )));
+            }
+        }
+        Ok(up)
+    };
+    match crate::rt::timeout(timeout, io).await {
+        Ok(r) => r,
+        Err(_) => Err(Err("upgrade timed out (connect_ms)".into())),
+    }
 }
 
 /// The 101 answer to the client: our own accept key, and the backend's chosen subprotocol and
-/// end-to-end headers (e.g. `Set-Cookie`).
+/// end-to-end headers (e.g. `Set-Cookie`); with `pass_extensions`, its extensions too.
 pub fn switching_protocols(
     client_key: &str,
-    backend: &http::Response<Option<Vec<u8>>>,
+    backend: &ResponseHead,
     pass_extensions: bool,
 ) -> Vec<u8> {
     let mut out = format!(
@@ -362,18 +429,18 @@ pub fn switching_protocols(
         derive_accept_key(client_key.as_bytes())
     )
     .into_bytes();
-    for (name, value) in backend.headers() {
-        let n = name.as_str();
+    for (name, value) in &backend.headers {
+        let n = name.to_ascii_lowercase();
         let pass_ext = pass_extensions && n == "sec-websocket-extensions";
-        if (is_reserved_upstream_header(n) && n != "sec-websocket-protocol" && !pass_ext)
+        if (is_reserved_upstream_header(&n) && n != "sec-websocket-protocol" && !pass_ext)
             || n == "date"
             || n == "server"
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -432,20 +499,19 @@ pub fn refusal(status: u16) -> Vec<u8> {
 }
 
 /// A backend's refusal of the upgrade (e.g. 401), passed to the client with its end-to-end
-/// headers and body.
-pub fn passthrough_response(resp: &http::Response<Option<Vec<u8>>>) -> Vec<u8> {
-    let body: &[u8] = resp.body().as_deref().unwrap_or(&[]);
+/// headers and the body bytes that came with it.
+pub fn passthrough_response(resp: &ResponseHead, body: &[u8]) -> Vec<u8> {
     let mut headers: Vec<(&str, &str)> = Vec::new();
-    for (name, value) in resp.headers() {
-        let n = name.as_str();
-        if is_reserved_upstream_header(n) || n == "date" {
+    for (name, value) in &resp.headers {
+        let n = name.to_ascii_lowercase();
+        if is_reserved_upstream_header(&n) || n == "date" {
             continue;
         }
-        if let Ok(v) = value.to_str() {
-            headers.push((n, v));
+        if let Ok(v) = std::str::from_utf8(value) {
+            headers.push((name, v));
         }
     }
-    simple_response(resp.status().as_u16(), &headers, body)
+    simple_response(resp.status, &headers, body)
 }
 
 /// Writes a response and flushes; errors are the client's loss only.
@@ -523,16 +589,26 @@ mod tests {
             ip: "127.0.0.9".parse().unwrap(),
             tls: false,
         };
-        let req =
-            upstream_request(&head(&h), "127.0.0.1:8010", client, &cfg, false, false).unwrap();
+        // Written as bytes: parse them back with the same reader clients go through.
+        let parse = |bytes: Vec<u8>| {
+            let mut buf = Vec::new();
+            async_std::task::block_on(read_head(&mut &bytes[..], &mut buf))
+                .unwrap()
+                .0
+        };
+        let (bytes, key) = upstream_request(&head(&h), "127.0.0.1:8010", client, &cfg, false);
+        let req = parse(bytes);
         let hv = |n: &str| {
-            req.headers()
-                .get_all(n)
+            req.headers
                 .iter()
-                .map(|v| v.to_str().unwrap().to_string())
+                .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(req.uri().path_and_query().unwrap(), "/chat?room=1");
+        assert_eq!(
+            (req.method.as_str(), req.target.as_str()),
+            ("GET", "/chat?room=1")
+        );
         assert_eq!(hv("host"), ["gw.example:8020"]);
         assert_eq!(hv("x-forwarded-for"), ["10.0.0.1, 127.0.0.9"]);
         assert_eq!(hv("x-forwarded-proto"), ["http"]);
@@ -545,11 +621,12 @@ mod tests {
         assert!(hv("keep-alive").is_empty());
         assert!(hv("x-drop").is_empty());
         assert_eq!(hv("connection"), ["Upgrade"]);
-        assert_ne!(hv("sec-websocket-key"), ["dGhlIHNhbXBsZSBub25jZQ=="]);
-        let tunnel = upstream_request(&head(&h), "b", client, &cfg, true, false).unwrap();
+        assert_eq!(hv("sec-websocket-key"), std::slice::from_ref(&key));
+        assert_ne!(key, "dGhlIHNhbXBsZSBub25jZQ==");
+        let (tunnel, _) = upstream_request(&head(&h), "b", client, &cfg, true);
         assert_eq!(
-            tunnel.headers().get("sec-websocket-extensions").unwrap(),
-            "permessage-deflate"
+            parse(tunnel).header("sec-websocket-extensions"),
+            Some("permessage-deflate")
         );
     }
 

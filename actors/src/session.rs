@@ -7,7 +7,9 @@
 //! the session slot and backend lease are released by their drops.
 
 use crate::config::{Config, OnBackendLoss, RelayMode};
-use crate::handshake::{self, ClientInfo, HeadError, RequestHead, UpgradeProblem};
+use crate::handshake::{
+    self, ClientInfo, HeadError, RequestHead, ResponseHead, UpgradeProblem, Upgraded,
+};
 use crate::http_forward;
 use crate::messages::{
     trace, BackendFailed, BackendLost, PickBackends, PoolName, SessionControl, SessionFinished,
@@ -23,7 +25,6 @@ use crate::shared::{SessionSlot, Shared};
 use crate::transport::{self, BackendStream, ClientStream};
 use crate::tunnel::{self, TunnelCounts, TunnelEnd};
 use async_tungstenite::tungstenite::protocol::{CloseFrame, Role};
-use async_tungstenite::tungstenite::Error as WsError;
 use async_tungstenite::WebSocketStream;
 use futures::channel::mpsc;
 use futures::FutureExt;
@@ -294,9 +295,7 @@ impl Run {
             return false;
         };
         self.subprotocol = response
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok())
+            .header("sec-websocket-protocol")
             .map(str::to_string);
         let replay = self
             .config
@@ -335,7 +334,7 @@ impl Run {
                     client: raw,
                     backend,
                     c2b: leftover,
-                    b2c: up.leftover,
+                    b2c: up.rest,
                 });
             }
         }
@@ -506,16 +505,12 @@ impl Run {
                 self.shared
                     .metrics
                     .handshake_failed(HandshakeFailure::BackendRefused);
-                let bytes = handshake::passthrough_response(&resp);
-                self.answer(&bytes, resp.status().as_u16()).await;
+                let bytes = handshake::passthrough_response(&resp.response, &resp.rest);
+                self.answer(&bytes, resp.response.status).await;
                 None
             }
             Err(Walk::NoBackend) => {
                 self.refuse(502, HandshakeFailure::NoBackend).await;
-                None
-            }
-            Err(Walk::BadRequest) => {
-                self.refuse(400, HandshakeFailure::BadRequest).await;
                 None
             }
         }
@@ -564,17 +559,15 @@ impl Run {
                 }
             }
             let authority = b.addr.to_string();
-            let Ok(req) = handshake::upstream_request(
+            let (request, key) = handshake::upstream_request(
                 head,
                 &authority,
                 client,
                 &self.config.headers,
                 mode == Mode::Tunnel,
-                false,
-            ) else {
-                return Err(Walk::BadRequest);
-            };
-            match dial(b, req, cfg, timeouts.connect(), mode).await {
+            );
+            let offered = head.header("sec-websocket-protocol");
+            match dial(b, &request, &key, offered, cfg, timeouts.connect(), mode).await {
                 Ok(ok) => {
                     self.lease = lease;
                     self.backends_used.push(b.addr);
@@ -585,7 +578,7 @@ impl Run {
                         "session#{} backend {} refused the upgrade with {}",
                         self.id,
                         b.addr,
-                        resp.status().as_u16()
+                        resp.response.status
                     );
                     return Err(Walk::Refused(resp));
                 }
@@ -629,17 +622,12 @@ impl Run {
             Err(Walk::Refused(resp)) => {
                 return Err(format!(
                     "new backend refused the upgrade with {}",
-                    resp.status()
+                    resp.response.status
                 ))
             }
-            Err(Walk::NoBackend | Walk::BadRequest) => {
-                return Err("no healthy backend took the session".into())
-            }
+            Err(Walk::NoBackend) => return Err("no healthy backend took the session".into()),
         };
-        let chosen = response
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok());
+        let chosen = response.header("sec-websocket-protocol");
         if chosen != self.subprotocol.as_deref() {
             return Err(format!(
                 "new backend chose subprotocol {chosen:?}, the session has {:?}",
@@ -960,21 +948,17 @@ fn flush_counters(m: &crate::metrics::Metrics, flushed: &mut Counters, now: &Cou
     *flushed = *now;
 }
 
-type Response = async_tungstenite::tungstenite::handshake::client::Response;
-
 /// Why a dial walk found no backend.
 enum Walk {
-    /// A backend answered the upgrade with a 4xx.
-    Refused(Response),
+    /// A backend answered the upgrade with a 4xx (its head and body).
+    Refused(Upgraded),
     /// Every candidate failed, or none is up.
     NoBackend,
-    /// The client's headers cannot be sent upstream.
-    BadRequest,
 }
 
 enum DialError {
     /// The backend answered the upgrade with a 4xx: the application's verdict.
-    Refused(async_tungstenite::tungstenite::handshake::client::Response),
+    Refused(Upgraded),
     /// Refused/reset connection, timeout, 5xx, or a broken handshake: try another backend.
     Failed(String),
 }
@@ -992,16 +976,16 @@ enum Mode {
 
 /// A backend that accepted the connection (and the upgrade, for WebSocket modes).
 enum Upstream {
-    /// Message relay: tungstenite did the client handshake.
-    Ws(Box<BackendWs>, Response),
-    /// Tunnel relay: the raw socket and what the backend sent after its 101.
-    Raw(BackendStream, tunnel::RawUpgrade),
+    /// Message relay: the backend's socket as a WebSocket, and its 101.
+    Ws(Box<BackendWs>, ResponseHead),
+    /// Tunnel relay: the raw socket, its 101 and what the backend sent after it.
+    Raw(BackendStream, Upgraded),
     /// HTTP pass-through: a connected socket.
     Http(BackendStream),
 }
 
 impl Upstream {
-    fn response(&self) -> Option<&Response> {
+    fn response(&self) -> Option<&ResponseHead> {
         match self {
             Upstream::Ws(_, r) => Some(r),
             Upstream::Raw(_, up) => Some(&up.response),
@@ -1018,9 +1002,14 @@ struct TunnelIo {
     b2c: Vec<u8>,
 }
 
+/// Connects to a backend and, for the WebSocket modes, does the upgrade on raw bytes (one
+/// path for both relays): the message relay then wraps the socket with
+/// `from_partially_read`, keeping any frames the backend sent right after its 101.
 async fn dial(
     b: &BackendState,
-    req: async_tungstenite::tungstenite::http::Request<()>,
+    request: &[u8],
+    key: &str,
+    offered: Option<&str>,
     cfg: async_tungstenite::tungstenite::protocol::WebSocketConfig,
     timeout: std::time::Duration,
     mode: Mode,
@@ -1029,36 +1018,22 @@ async fn dial(
     let mut tcp = transport::dial(b.addr, b.tls.as_ref(), timeout)
         .await
         .map_err(|e| DialError::Failed(format!("connect: {e}")))?;
-    let left = timeout.saturating_sub(started.elapsed());
     if mode == Mode::Http {
         return Ok(Upstream::Http(tcp));
     }
-    if mode == Mode::Tunnel {
-        return match tunnel::raw_upgrade(&mut tcp, &req, left).await {
-            Ok(up) => Ok(Upstream::Raw(tcp, up)),
-            Err(Ok(resp)) if resp.status().is_client_error() => Err(DialError::Refused(resp)),
-            Err(Ok(resp)) => Err(DialError::Failed(format!(
-                "upgrade answered {}",
-                resp.status()
-            ))),
-            Err(Err(reason)) => Err(DialError::Failed(reason)),
-        };
-    }
-    match rt::timeout(
-        left,
-        async_tungstenite::client_async_with_config(req, tcp, Some(cfg)),
-    )
-    .await
-    {
-        Err(_) => Err(DialError::Failed("upgrade timed out (connect_ms)".into())),
-        Ok(Ok((ws, resp))) => Ok(Upstream::Ws(Box::new(ws), resp)),
-        Ok(Err(WsError::Http(resp))) if resp.status().is_client_error() => {
-            Err(DialError::Refused(*resp))
+    let left = timeout.saturating_sub(started.elapsed());
+    match handshake::raw_upgrade(&mut tcp, request, key, offered, left).await {
+        Ok(up) if mode == Mode::Tunnel => Ok(Upstream::Raw(tcp, up)),
+        Ok(up) => {
+            let ws =
+                WebSocketStream::from_partially_read(tcp, up.rest, Role::Client, Some(cfg)).await;
+            Ok(Upstream::Ws(Box::new(ws), up.response))
         }
-        Ok(Err(WsError::Http(resp))) => Err(DialError::Failed(format!(
+        Err(Ok(up)) if (400..500).contains(&up.response.status) => Err(DialError::Refused(up)),
+        Err(Ok(up)) => Err(DialError::Failed(format!(
             "upgrade answered {}",
-            resp.status()
+            up.response.status
         ))),
-        Ok(Err(e)) => Err(DialError::Failed(format!("upgrade: {e}"))),
+        Err(Err(reason)) => Err(DialError::Failed(reason)),
     }
 }

@@ -3,84 +3,17 @@
 //! Bytes are counted; frames are not parsed, so there are no message limits, keepalive or
 //! failover in this mode.
 //!
-//! The upstream handshake is done on raw bytes here (request serialized, response head parsed
-//! with httparse, accept key checked), so whatever the backend sends right after its 101 is
-//! kept and relayed, never swallowed by a WebSocket library's buffer.
+//! The upstream handshake is `handshake::raw_upgrade`, which keeps whatever the backend sends
+//! right after its 101 (relayed first, as `pending_b2c`).
 
-use crate::handshake::{is_reserved_upstream_header, read_response_head};
 use crate::relay::{Control, Side};
 use crate::rt;
 use crate::transport::{Halves, WriteHalf};
-use async_tungstenite::tungstenite::handshake::derive_accept_key;
-use async_tungstenite::tungstenite::http;
 use futures::channel::mpsc;
 use futures::stream::FuturesUnordered;
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use std::time::{Duration, Instant};
+use futures::{AsyncReadExt, StreamExt};
 
 const BUF: usize = 16 * 1024;
-
-/// The backend's answer to a raw upgrade: its response head, and bytes it sent after it.
-pub struct RawUpgrade {
-    pub response: http::Response<Option<Vec<u8>>>,
-    pub leftover: Vec<u8>,
-}
-
-/// Sends `req` on `stream` and reads the response head within `timeout`. A 101 with the right
-/// accept key is `Ok`; any other status comes back as `Err(Ok(response))` for the caller to
-/// judge (4xx passed to the client, 5xx retried); transport problems as `Err(Err(reason))`.
-pub async fn raw_upgrade<S: futures::AsyncRead + futures::AsyncWrite + Unpin>(
-    stream: &mut S,
-    req: &http::Request<()>,
-    timeout: Duration,
-) -> Result<RawUpgrade, Result<http::Response<Option<Vec<u8>>>, String>> {
-    let started = Instant::now();
-    let key = req
-        .headers()
-        .get("sec-websocket-key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let mut head = format!("GET {pq} HTTP/1.1\r\n").into_bytes();
-    for (k, v) in req.headers() {
-        head.extend_from_slice(k.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(v.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    head.extend_from_slice(b"\r\n");
-    let io = async {
-        stream
-            .write_all(&head)
-            .await
-            .map_err(|e| Err(format!("upgrade: {e}")))?;
-        let mut buf = Vec::with_capacity(1024);
-        let (resp, len) = read_response_head(stream, &mut buf)
-            .await
-            .map_err(|e| Err(format!("upgrade: {e}")))?;
-        let rest = buf.split_off(len);
-        if resp.status != 101 {
-            return Err(Ok(resp.to_http((!rest.is_empty()).then_some(rest))));
-        }
-        let response = resp.to_http(None);
-        let accept = response
-            .headers()
-            .get("sec-websocket-accept")
-            .and_then(|v| v.to_str().ok());
-        if accept != Some(derive_accept_key(key.as_bytes()).as_str()) {
-            return Err(Err("upgrade: wrong Sec-WebSocket-Accept".to_string()));
-        }
-        Ok(RawUpgrade {
-            response,
-            leftover: rest,
-        })
-    };
-    match rt::timeout(timeout.saturating_sub(started.elapsed()), io).await {
-        Ok(r) => r,
-        Err(_) => Err(Err("upgrade timed out (connect_ms)".into())),
-    }
-}
 
 /// Bytes copied each way.
 #[derive(Debug, Default, Clone, Copy)]
@@ -186,11 +119,4 @@ async fn copy(
         to.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
         *total += n as u64;
     }
-}
-
-/// Whether a header of the backend's 101 may be passed to the client in tunnel mode.
-pub fn passes_in_101(name: &str) -> bool {
-    name == "sec-websocket-extensions"
-        || name == "sec-websocket-protocol"
-        || !is_reserved_upstream_header(name)
 }
