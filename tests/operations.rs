@@ -345,12 +345,20 @@ async fn broken_reload_is_refused_and_the_old_config_keeps_serving() {
     let mut typo = cfg.clone();
     typo["pools"]["p"]["balanse"] = json!("least_conn");
     write_config(&gw, &typo);
+    let from = gw.logs.len();
     let (st, body) = admin(&gw, "POST", "/reload").await;
     assert_eq!(st, 400, "{body}");
     assert!(
         body.starts_with("config error: pools.p.balanse: unknown field `balanse`"),
         "{body}"
     );
+    // The gateway logs before it answers, but stderr reaches the test through a reader
+    // thread: wait for the line rather than count what has been read so far.
+    gw.logs
+        .wait_line_from("reload failed after the typo", from, WAIT, |l| {
+            l.contains("reload failed, the running config stays: config error: pools.p.balanse")
+        })
+        .await;
 
     assert_eq!(gw.logs.count(|l| l.contains("reload applied")), 0);
     assert_eq!(
