@@ -13,7 +13,9 @@ use futures::channel::mpsc;
 use futures::stream::FuturesUnordered;
 use futures::{AsyncReadExt, StreamExt};
 
+/// The copy buffer's largest size, and its first.
 const BUF: usize = 16 * 1024;
+const FIRST_BUF: usize = 1024;
 
 /// Bytes copied each way.
 #[derive(Debug, Default, Clone, Copy)]
@@ -108,7 +110,9 @@ async fn copy(
         to.write_all(pending).await.map_err(|e| e.to_string())?;
         *total += pending.len() as u64;
     }
-    let mut buf = vec![0u8; BUF];
+    // Small at first, doubled (up to BUF) whenever a read fills it: an idle or chatty session
+    // holds a small buffer, a bulk one reaches BUF after a few reads.
+    let mut buf = vec![0u8; FIRST_BUF];
     loop {
         let n = from.read(&mut buf).await.map_err(|e| e.to_string())?;
         if n == 0 {
@@ -118,5 +122,8 @@ async fn copy(
         }
         to.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
         *total += n as u64;
+        if n == buf.len() && buf.len() < BUF {
+            buf.resize(buf.len() * 2, 0);
+        }
     }
 }
