@@ -59,21 +59,12 @@ pub struct RequestHead {
 impl RequestHead {
     /// The first value of a header, if it is valid UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-            .map(str::trim)
+        header_in(&self.headers, name)
     }
 
     /// Whether a comma-separated header (any of its occurrences) lists `token`.
     pub fn header_has_token(&self, name: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
+        has_token(&self.headers, name, token)
     }
 
     pub fn is_upgrade(&self) -> bool {
@@ -204,18 +195,32 @@ pub struct ResponseHead {
 impl ResponseHead {
     /// The first value of a header, if it is valid UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-            .map(str::trim)
+        header_in(&self.headers, name)
     }
 
-    /// Whether a comma-separated header lists `token`.
+    /// Whether a comma-separated header (any of its occurrences) lists `token`.
     pub fn header_has_token(&self, name: &str, token: &str) -> bool {
-        self.header(name)
-            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        has_token(&self.headers, name, token)
     }
+}
+
+/// The first value of header `name` in a parsed head, trimmed, if it is valid UTF-8.
+fn header_in<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .map(str::trim)
+}
+
+/// Whether any occurrence of the comma-separated header `name` lists `token`.
+fn has_token(headers: &[(String, Vec<u8>)], name: &str, token: &str) -> bool {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 impl std::fmt::Display for HeadError {
