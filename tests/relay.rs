@@ -75,6 +75,57 @@ async fn close_from_backend_passes_code_and_reason() {
     assert_eq!((code_of(&f), f.reason.as_str()), (1000, ""));
 }
 
+/// Close frames pass on byte for byte: a backend's 1014 (a code tungstenite 0.30 rewrites
+/// on receipt) reaches a raw client as 1014 with its reason.
+#[async_std::test]
+async fn backend_close_code_1014_reaches_the_client_unchanged() {
+    let b = Backend::echo("b1").await;
+    let gw = gateway_with(&b, json!({})).await;
+    let mut c = RawConn::open(gw.addr()).await;
+    c.write(upgrade_head("/", "localhost", &[]).as_bytes())
+        .await;
+    assert_eq!(c.read_head().await.status, 101);
+    c.write_frame(true, 1, b"close:1014:upstream gone").await;
+    let f = within("a close frame", WAIT, async {
+        loop {
+            let f = c.read_frame().await;
+            if f.opcode == 8 {
+                return f;
+            }
+        }
+    })
+    .await;
+    assert_eq!(&f.payload[..2], &1014u16.to_be_bytes());
+    assert_eq!(&f.payload[2..], b"upstream gone");
+}
+
+/// A client frame that breaks the protocol (here: unmasked) ends the session with 1002 to
+/// the client and 1001 to the backend; nothing of it reaches the backend.
+#[async_std::test]
+async fn unmasked_client_frame_gets_1002() {
+    let b = Backend::echo("b1").await;
+    let gw = gateway_with(&b, json!({})).await;
+    let mut c = RawConn::open(gw.addr()).await;
+    c.write(upgrade_head("/", "localhost", &[]).as_bytes())
+        .await;
+    assert_eq!(c.read_head().await.status, 101);
+    c.write_frame(true, 1, b"fine").await;
+    c.write(&[0x81, 0x03, b'b', b'a', b'd']).await;
+    let f = within("a close frame", WAIT, async {
+        loop {
+            let f = c.read_frame().await;
+            if f.opcode == 8 {
+                return f;
+            }
+        }
+    })
+    .await;
+    assert_eq!(&f.payload[..2], &1002u16.to_be_bytes());
+    let closed = b.wait_close(0).await.expect("close with a code");
+    assert_eq!(code_of(&closed), 1001);
+    assert_eq!(b.conn(0).texts(), vec!["fine".to_string()]);
+}
+
 /// An 8 MiB binary message arrives intact both ways (default limits are 16 MiB).
 #[async_std::test]
 async fn eight_mib_binary_intact() {

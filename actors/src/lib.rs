@@ -20,6 +20,7 @@ pub mod shared;
 pub mod supervisor;
 pub mod transport;
 pub mod tunnel;
+pub mod wire;
 
 use config::Config;
 use metrics::Metrics;

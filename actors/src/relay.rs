@@ -1,20 +1,30 @@
 //! The data plane of a `relay: "message"` session: one task polls both sockets in a tight
-//! loop. Per message: a read, a frame decode, a write. No actor mailbox, no lock, no timer
-//! reset and no allocation beyond the message tungstenite decodes; writes are coalesced (one
-//! flush per batch of ready frames). Keepalive and idle checks run on a coarse tick.
+//! loop. Per message: a read, a frame-header decode, a write. Frames pass on byte for byte
+//! (see `wire` for why that is valid in both directions), so a payload is never decoded,
+//! copied into a message or re-encoded; no actor mailbox, lock, timer reset or allocation is
+//! on that path. Keepalive and idle checks run on a coarse tick.
 //!
-//! The loop ends with an [`Outcome`]; [`finish`] then runs the closing handshake that outcome
-//! calls for. The session actor decides what an outcome means (e.g. failover on backend loss).
+//! Buffers: a read goes into a per-thread scratch buffer shared by every session on the
+//! thread, and the complete frames in it are written on from there. Only what cannot be
+//! written at once (the destination pushed back, or a frame is still incomplete) is copied
+//! into the session's own buffer, which is dropped again once the session has been idle for
+//! a tick. An idle session holds no buffer.
+//!
+//! The gateway looks into a frame only where it must: close frames (their code ends the
+//! relay), pongs (the answers to its own keepalive pings are not passed on), and fragmented
+//! messages, which it reassembles and sends on as one frame, so that a message is never
+//! split across backends by a failover.
+//!
+//! The loop ends with an [`Outcome`]; [`close_side`] then runs the closing handshake that
+//! outcome calls for. The session actor decides what an outcome means (e.g. failover on
+//! backend loss).
 
 use crate::rt::Timer;
-use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use async_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use async_tungstenite::tungstenite::{Error as WsError, Message};
-use async_tungstenite::WebSocketStream;
+use crate::wire::{self, ClosePayload, Kind, Parsed};
 use futures::channel::mpsc;
-use futures::{AsyncRead, AsyncWrite, Sink, SinkExt, Stream, StreamExt};
-
 use futures::task::{waker, ArcWake, AtomicWaker};
+use futures::{AsyncRead, AsyncWrite, StreamExt};
+use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,21 +34,17 @@ use std::time::{Duration, Instant};
 
 /// Payload of the gateway's own keepalive pings; pongs carrying it are not forwarded.
 const KEEPALIVE: &[u8] = b"wsgate-keepalive";
-/// Messages relayed per direction before the loop yields to the executor.
-const BUDGET: usize = 64;
+/// Reads per direction before the loop yields to the executor (fairness between sessions).
+const READS: usize = 16;
 /// How long a closing handshake may take before the sockets are dropped.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The per-thread read buffer: large enough that a 64 KiB message usually arrives whole.
+const SCRATCH: usize = 256 * 1024;
+/// The smallest buffer a session keeps for bytes it could not pass on at once.
+const MIN_KEEP: usize = 4096;
 
-/// tungstenite settings for a relayed socket: limits from the config, buffers sized for many
-/// mostly-idle sessions (tungstenite's 128 KiB defaults would cost 256 KiB per session side).
-pub fn ws_config(max_message: usize, max_frame: usize) -> WebSocketConfig {
-    let mut c = WebSocketConfig::default();
-    c.read_buffer_size = 4096;
-    c.write_buffer_size = 16 * 1024;
-    c.max_write_buffer_size = max_message.saturating_add(1 << 20);
-    c.max_message_size = Some(max_message);
-    c.max_frame_size = Some(max_frame);
-    c
+thread_local! {
+    static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
 }
 
 /// Which socket of a session.
@@ -46,6 +52,15 @@ pub fn ws_config(max_message: usize, max_frame: usize) -> WebSocketConfig {
 pub enum Side {
     Client,
     Backend,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
 }
 
 /// Control events the session actor sends into a running relay.
@@ -67,10 +82,10 @@ pub enum Control {
 #[derive(Debug)]
 pub enum Outcome {
     /// A side sent a close frame; it is to be passed to the other side unchanged.
-    Closed(Side, Option<CloseFrame>),
+    Closed(Side, ClosePayload),
     /// A side's socket ended or failed without a close frame.
     Gone(Side, String),
-    /// A side broke a protocol rule (its close code: 1009 too big, 1007 bad UTF-8, 1002).
+    /// A side broke a protocol rule (its close code: 1009 too big, 1002 protocol).
     Violation(Side, u16, String),
     /// No data message either way for `idle`.
     Idle,
@@ -97,211 +112,621 @@ pub struct Timing {
     pub ping_interval: Duration,
 }
 
-/// Everything a relay keeps across a backend swap (`on_backend_loss: reconnect`).
-#[derive(Default)]
+/// The size limits a relay enforces (`limits.max_message_bytes`, `limits.max_frame_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_message: usize,
+    pub max_frame: usize,
+}
+
+/// Everything a relay keeps across a backend swap (`on_backend_loss: reconnect`): both
+/// directions' buffers, parse state and counts.
 pub struct RelayState {
     c2b: Dir,
     b2c: Dir,
 }
 
+impl Default for RelayState {
+    fn default() -> RelayState {
+        let l = Limits {
+            max_message: 16 << 20,
+            max_frame: 16 << 20,
+        };
+        RelayState::new(0, l)
+    }
+}
+
 impl RelayState {
-    pub fn new(replay_max: usize) -> RelayState {
-        let mut s = RelayState::default();
-        s.c2b.replay_max = replay_max;
+    pub fn new(replay_max: usize, limits: Limits) -> RelayState {
+        let mut s = RelayState {
+            c2b: Dir::new(Side::Client, limits),
+            b2c: Dir::new(Side::Backend, limits),
+        };
+        s.c2b.core.replay_max = replay_max;
         s
     }
 
-    /// The client's first messages, to send to a new backend before anything else.
-    pub fn replay(&self) -> &[Message] {
-        &self.c2b.replay
+    /// Bytes a side sent right after its handshake head, relayed before anything else.
+    pub fn preload(&mut self, from: Side, bytes: Vec<u8>) {
+        if !bytes.is_empty() {
+            let inbox = &mut self.dir_from(from).inbox;
+            inbox.w = Window {
+                end: bytes.len(),
+                ..Window::default()
+            };
+            inbox.buf = bytes;
+        }
+    }
+
+    /// The client's first messages as frames, to send to a new backend before anything else.
+    pub fn replay(&self) -> &[u8] {
+        &self.c2b.core.replay
+    }
+
+    /// How many messages [`RelayState::replay`] holds.
+    pub fn replayed(&self) -> usize {
+        self.c2b.core.replayed
     }
 
     pub fn counters(&self) -> Counters {
         Counters {
-            c2b_msgs: self.c2b.msgs,
-            b2c_msgs: self.b2c.msgs,
-            c2b_bytes: self.c2b.bytes,
-            b2c_bytes: self.b2c.bytes,
+            c2b_msgs: self.c2b.core.msgs,
+            b2c_msgs: self.b2c.core.msgs,
+            c2b_bytes: self.c2b.core.bytes,
+            b2c_bytes: self.b2c.core.bytes,
         }
     }
 
-    /// Forgets what belonged to the lost backend; keeps what is owed to the client and the
-    /// client message read but not yet written (it goes to the new backend after the replay).
-    pub fn backend_replaced(&mut self) {
-        self.c2b.urgent = None;
-        self.c2b.unflushed = false;
-        self.c2b.heard = true;
-        self.b2c.heard = true;
-        self.b2c.closed = false;
+    /// After a failover to a backend that sent `rest` right after its 101: a client frame
+    /// partly written to the lost backend goes whole to the new one (a backend application
+    /// only ever sees whole frames, so it never saw that one); the keepalive ping meant for
+    /// the lost backend is dropped; what the lost backend sent that was not yet parsed
+    /// (a partial frame, part of a fragmented message) is dropped, what is owed to the client
+    /// is kept.
+    pub fn backend_replaced(&mut self, rest: &[u8]) {
+        let c = &mut self.c2b;
+        c.core.ping_due = false;
+        c.core.dirty = false;
+        c.core.heard = true;
+        match c.core.oob_kind {
+            Oob::Data { .. } => c.core.oob_off = 0,
+            _ => c.core.clear_oob(),
+        }
+        c.inbox.rewind_region(Side::Client);
+        let b = &mut self.b2c;
+        b.inbox.replace_unparsed(rest);
+        b.core.frag = None;
+        b.core.closed = false;
+        b.core.heard = true;
+    }
+
+    fn dir_from(&mut self, from: Side) -> &mut Dir {
+        match from {
+            Side::Client => &mut self.c2b,
+            Side::Backend => &mut self.b2c,
+        }
     }
 }
 
-/// One direction of the relay: a message waiting for the destination to accept it, and
-/// whether the destination has unflushed writes.
-#[derive(Default)]
+/// One direction of the relay: the bytes read from its source that are not passed on yet,
+/// and what it knows of the source's frames.
 struct Dir {
-    urgent: Option<Message>,
-    pending: Option<Message>,
-    unflushed: bool,
-    /// Any frame arrived from this direction's source since the last keepalive ping.
+    inbox: Inbox,
+    core: Core,
+}
+
+impl Dir {
+    fn new(from: Side, limits: Limits) -> Dir {
+        Dir {
+            inbox: Inbox::default(),
+            core: Core {
+                from,
+                to: from.other(),
+                limits,
+                oob: Vec::new(),
+                oob_off: 0,
+                oob_kind: Oob::None,
+                frag: None,
+                ping_due: false,
+                dirty: false,
+                region_replay: false,
+                heard: true,
+                closed: false,
+                msgs: 0,
+                bytes: 0,
+                replay: Vec::new(),
+                replayed: 0,
+                replay_max: 0,
+                #[cfg(feature = "fault-injection")]
+                panic_after_first: false,
+            },
+        }
+    }
+
+    /// Whether there is anything to write or parse in the session's own buffer.
+    fn has_work(&self) -> bool {
+        self.core.oob_off < self.core.oob.len()
+            || self.core.ping_due
+            || self.inbox.w.fwd < self.inbox.w.end
+    }
+
+    /// Frees the session's own buffer when nothing is in it (called on an idle tick).
+    fn shrink(&mut self) {
+        if self.inbox.w.fwd == self.inbox.w.end && !self.inbox.buf.is_empty() {
+            self.inbox = Inbox::default();
+        }
+    }
+
+    /// Writes what this direction owes its destination (the gateway's frames, then the
+    /// frames already parsed), without reading more.
+    fn poll_drain<D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut D,
+    ) -> Poll<Result<(), String>> {
+        let Dir { inbox, core } = self;
+        write_out(cx, &inbox.buf, &mut inbox.w, core, dst)
+    }
+
+    /// Bytes read but not parsed (they may hold the peer's close frame).
+    fn unparsed(&self) -> Vec<u8> {
+        self.inbox.buf[self.inbox.w.pos..self.inbox.w.end].to_vec()
+    }
+}
+
+/// Offsets into a buffer of read bytes: `[origin, fwd)` complete frames already written
+/// (`origin` is the frame boundary the current write began at), `[fwd, pos)` complete frames
+/// being written on unchanged, `[pos, end)` not parsed yet.
+#[derive(Debug, Default, Clone, Copy)]
+struct Window {
+    origin: usize,
+    fwd: usize,
+    pos: usize,
+    end: usize,
+}
+
+/// The session's own buffer for one direction; empty (no allocation) while the scratch
+/// buffer suffices. `buf.len()` is its initialised size, `w.end` how much of it holds data.
+#[derive(Default)]
+struct Inbox {
+    buf: Vec<u8>,
+    w: Window,
+    /// The size of the incomplete frame at `w.pos`, once its header is known.
+    want: usize,
+}
+
+impl Inbox {
+    /// Keeps bytes of the scratch buffer that could not be passed on: `s` is the scratch from
+    /// `w.origin` on.
+    fn keep(&mut self, s: &[u8], w: Window) {
+        if self.buf.len() < s.len().max(MIN_KEEP) {
+            self.buf.resize(s.len().max(MIN_KEEP), 0);
+        }
+        self.buf[..s.len()].copy_from_slice(s);
+        self.w = Window {
+            origin: 0,
+            fwd: w.fwd - w.origin,
+            pos: w.pos - w.origin,
+            end: w.end - w.origin,
+        };
+    }
+
+    /// Before a read: only an incomplete frame is left (at `pos`); moves it to the front and
+    /// makes room for the whole of it.
+    fn make_room(&mut self) {
+        let w = self.w;
+        if w.pos > 0 {
+            self.buf.copy_within(w.pos..w.end, 0);
+            self.w = Window {
+                end: w.end - w.pos,
+                ..Window::default()
+            };
+        }
+        let need = self.want.max(MIN_KEEP).max(self.w.end + 1);
+        if self.buf.len() < need {
+            self.buf.resize(need, 0);
+        }
+    }
+
+    /// Moves `fwd` back to the start of the frame it is inside (see `backend_replaced`).
+    fn rewind_region(&mut self, from: Side) {
+        let w = &mut self.w;
+        let mut p = w.origin;
+        while p < w.fwd {
+            match wire::parse(&self.buf[p..w.pos], from, usize::MAX) {
+                Parsed::Frame(h) if p + h.total() <= w.fwd => p += h.total(),
+                _ => break,
+            }
+        }
+        w.fwd = p;
+        w.origin = p;
+    }
+
+    /// Drops the bytes not parsed yet and puts `rest` in their place.
+    fn replace_unparsed(&mut self, rest: &[u8]) {
+        let need = self.w.pos + rest.len();
+        if self.buf.len() < need {
+            self.buf.resize(need, 0);
+        }
+        self.buf[self.w.pos..need].copy_from_slice(rest);
+        self.w.end = need;
+        self.want = 0;
+    }
+}
+
+/// What a direction has to write that is not a frame of its source passed on unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Oob {
+    None,
+    /// The gateway's keepalive ping.
+    Keepalive,
+    /// A fragmented message, reassembled; `record`: one of the first messages to replay.
+    Data {
+        record: bool,
+    },
+    /// The gateway's close frame.
+    Close,
+}
+
+/// A direction's parse state and counts.
+struct Core {
+    from: Side,
+    to: Side,
+    limits: Limits,
+    /// Bytes the gateway made for the destination (a ping, a close, a reassembled message),
+    /// written at a frame boundary before anything else.
+    oob: Vec<u8>,
+    oob_off: usize,
+    oob_kind: Oob,
+    /// A fragmented message being reassembled: its kind and unmasked payload so far.
+    frag: Option<(Kind, Vec<u8>)>,
+    /// A keepalive ping is to be sent at the next frame boundary.
+    ping_due: bool,
+    /// Written since the last flush (TLS buffers records until flushed).
+    dirty: bool,
+    /// The frames being written are one of the first messages to replay.
+    region_replay: bool,
+    /// Any frame arrived from the source since the last keepalive ping.
     heard: bool,
     closed: bool,
     /// Data messages and payload bytes read from the source.
     msgs: u64,
     bytes: u64,
-    /// The first `replay_max` data messages written to the destination (client→backend only).
-    replay: Vec<Message>,
+    /// The first `replay_max` data messages, as frames written to the backend (c2b only).
+    replay: Vec<u8>,
+    replayed: usize,
     replay_max: usize,
+    #[cfg(feature = "fault-injection")]
+    panic_after_first: bool,
 }
 
-enum DirEvent {
-    Closed(Option<CloseFrame>),
-    ReadFailed(WsError),
-    Eof,
-    WriteFailed(WsError),
-}
+impl Core {
+    fn clear_oob(&mut self) {
+        self.oob = Vec::new();
+        self.oob_off = 0;
+        self.oob_kind = Oob::None;
+    }
 
-/// Polls one direction: forwards ready messages from `src` to `dst` until `src` has nothing
-/// more, `dst` pushes back, or the budget is spent; flushes `dst` once per batch.
-fn poll_dir<S, D>(
-    cx: &mut Context<'_>,
-    src: &mut WebSocketStream<S>,
-    dst: &mut WebSocketStream<D>,
-    dir: &mut Dir,
-    #[allow(unused_variables)] fault: &mut Fault,
-) -> Poll<DirEvent>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    D: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut budget = BUDGET;
-    loop {
-        let next = dir.urgent.take().or_else(|| dir.pending.take());
-        if let Some(msg) = next {
-            match Pin::new(&mut *dst).poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    if dir.replay.len() < dir.replay_max
-                        && matches!(msg, Message::Text(_) | Message::Binary(_))
-                    {
-                        dir.replay.push(msg.clone()); // a refcount bump, for the first few only
-                    }
-                    if let Err(e) = Pin::new(&mut *dst).start_send(msg) {
-                        return Poll::Ready(DirEvent::WriteFailed(e));
-                    }
-                    dir.unflushed = true;
-                    #[cfg(feature = "fault-injection")]
-                    fault.after_forward();
-                    continue;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(DirEvent::WriteFailed(e)),
-                Poll::Pending => {
-                    dir.pending = Some(msg);
-                    return Poll::Pending;
-                }
-            }
+    fn set_oob(&mut self, bytes: Vec<u8>, kind: Oob) {
+        self.oob = bytes;
+        self.oob_off = 0;
+        self.oob_kind = kind;
+    }
+
+    /// The frames `[origin, pos)` of a region are written.
+    fn region_done(&mut self, frames: &[u8]) {
+        if std::mem::take(&mut self.region_replay) {
+            self.replay.extend_from_slice(frames);
+            self.replayed += 1;
         }
-        if dir.closed {
-            return Poll::Pending;
+        #[cfg(feature = "fault-injection")]
+        if self.panic_after_first && self.msgs > 0 {
+            panic!("fault injection: session panic after relaying the first client message");
         }
-        if budget == 0 {
-            // Let the other direction and other sessions run; come back at once.
-            if dir.unflushed {
-                if let Poll::Ready(Err(e)) = Pin::new(&mut *dst).poll_flush(cx) {
-                    return Poll::Ready(DirEvent::WriteFailed(e));
-                }
-            }
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
+    }
+
+    fn oob_done(&mut self) {
+        if self.oob_kind == (Oob::Data { record: true }) {
+            self.replay.extend_from_slice(&self.oob);
+            self.replayed += 1;
         }
-        budget -= 1;
-        match Pin::new(&mut *src).poll_next(cx) {
-            Poll::Ready(Some(Ok(msg))) => {
-                dir.heard = true;
-                match msg {
-                    Message::Text(ref t) => {
-                        dir.msgs += 1;
-                        dir.bytes += t.len() as u64;
-                        dir.pending = Some(msg);
-                    }
-                    Message::Binary(ref b) => {
-                        dir.msgs += 1;
-                        dir.bytes += b.len() as u64;
-                        dir.pending = Some(msg);
-                    }
-                    Message::Ping(_) => dir.pending = Some(msg),
-                    Message::Pong(ref p) if p.as_ref() == KEEPALIVE => {}
-                    Message::Pong(_) => dir.pending = Some(msg),
-                    Message::Close(frame) => {
-                        dir.closed = true;
-                        return Poll::Ready(DirEvent::Closed(frame));
-                    }
-                    Message::Frame(_) => {}
+        self.clear_oob();
+    }
+
+    /// Parses the frames at `w.pos`: frames that pass on unchanged extend the region to
+    /// write; the others are handled once the region before them is written.
+    fn parse_frames(&mut self, data: &[u8], w: &mut Window) -> Next {
+        loop {
+            let region = w.fwd < w.pos;
+            let avail = &data[w.pos..w.end];
+            let h = match wire::parse(avail, self.from, self.limits.max_frame) {
+                Parsed::Frame(h) => h,
+                _ if region => return Next::Write,
+                Parsed::Incomplete => return Next::NeedMore(0),
+                Parsed::Bad(code, why) => return Next::Event(DirEvent::Violation(code, why)),
+            };
+            let message = match (h.kind, &self.frag) {
+                (Kind::Text | Kind::Binary, None) => h.payload,
+                (Kind::Continue, Some((_, p))) => p.len() as u64 + h.payload,
+                _ => 0,
+            };
+            if message > self.limits.max_message as u64 {
+                if region {
+                    return Next::Write;
                 }
+                let why = "message over max_message_bytes";
+                return Next::Event(DirEvent::Violation(1009, why));
             }
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(DirEvent::ReadFailed(e)),
-            Poll::Ready(None) => return Poll::Ready(DirEvent::Eof),
-            Poll::Pending => {
-                if dir.unflushed {
-                    match Pin::new(&mut *dst).poll_flush(cx) {
-                        Poll::Ready(Ok(())) => {
-                            dir.unflushed = false;
-                            park_write_waker(dst);
-                        }
-                        Poll::Ready(Err(e)) => return Poll::Ready(DirEvent::WriteFailed(e)),
-                        Poll::Pending => {}
-                    }
+            let total = h.total();
+            if avail.len() < total {
+                return if region {
+                    Next::Write
+                } else {
+                    Next::NeedMore(total)
+                };
+            }
+            let frame = &avail[..total];
+            let data_frame = matches!(h.kind, Kind::Text | Kind::Binary);
+            let verbatim = match h.kind {
+                Kind::Text | Kind::Binary => h.fin && self.frag.is_none(),
+                Kind::Ping => true,
+                Kind::Pong => !is_keepalive(frame, &h),
+                Kind::Close | Kind::Continue => false,
+            };
+            if verbatim {
+                // A message to replay after a failover is a region of its own, recorded once
+                // written.
+                let record = data_frame && self.replayed < self.replay_max;
+                if record && region {
+                    return Next::Write;
                 }
-                return Poll::Pending;
+                self.heard = true;
+                if data_frame {
+                    self.msgs += 1;
+                    self.bytes += h.payload;
+                }
+                w.pos += total;
+                if record {
+                    self.region_replay = true;
+                    return Next::Write;
+                }
+                continue;
+            }
+            if region {
+                return Next::Write;
+            }
+            // At a frame boundary of the destination: frames the gateway handles itself.
+            self.heard = true;
+            w.pos += total;
+            w.fwd = w.pos;
+            w.origin = w.pos;
+            match (h.kind, self.frag.is_some()) {
+                (Kind::Pong, _) => continue, // the answer to our keepalive
+                (Kind::Close, _) => {
+                    let (p, n) = wire::control_payload(frame, &h);
+                    self.closed = true;
+                    return Next::Event(DirEvent::Closed(ClosePayload::from_bytes(&p[..n])));
+                }
+                (Kind::Text | Kind::Binary, true) => {
+                    let why = "a new message inside a fragmented one";
+                    return Next::Event(DirEvent::Violation(1002, why));
+                }
+                (Kind::Continue, false) => {
+                    let why = "a continuation frame outside a fragmented message";
+                    return Next::Event(DirEvent::Violation(1002, why));
+                }
+                _ => {}
+            }
+            let (kind, payload) = self.frag.get_or_insert_with(|| (h.kind, Vec::new()));
+            let at = payload.len();
+            payload.extend_from_slice(&frame[h.len..]);
+            if let Some(m) = h.mask {
+                wire::unmask(&mut payload[at..], m);
+            }
+            if h.fin {
+                let m = wire::message(*kind, payload, self.to);
+                self.msgs += 1;
+                self.bytes += payload.len() as u64;
+                self.frag = None;
+                let record = self.replayed < self.replay_max;
+                self.set_oob(m, Oob::Data { record });
+                return Next::Write;
             }
         }
     }
 }
 
-/// After a completed flush, leaves a no-op waker in `ws`'s write slot. async-tungstenite
-/// wakes a stream's read *and* write wakers on any event of its socket, so the waker of the
-/// direction that last wrote to `ws` would otherwise be woken by every message read from it,
-/// and poll its own source for nothing. Flushing an empty buffer makes no syscall; a write
-/// that pushes back registers the real waker again through `poll_ready`.
-fn park_write_waker<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) {
-    let mut noop = Context::from_waker(futures::task::noop_waker_ref());
-    let _ = Pin::new(ws).poll_flush(&mut noop);
+/// Whether a pong carries the gateway's keepalive payload.
+fn is_keepalive(frame: &[u8], h: &wire::Head) -> bool {
+    let (p, n) = wire::control_payload(frame, h);
+    &p[..n] == KEEPALIVE
 }
 
-/// Maps a read error to the outcome it means for the side that sent it.
-fn read_failure(side: Side, e: WsError) -> Outcome {
-    use async_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
-    match e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            Outcome::Violation(side, 1009, e.to_string())
+enum Next {
+    /// There is a region or the gateway's bytes to write first.
+    Write,
+    /// The frame at `pos` is incomplete (its size, if its header is complete).
+    NeedMore(usize),
+    Event(DirEvent),
+}
+
+enum Pump {
+    /// Everything complete was passed on; more bytes are needed (the incomplete frame's size).
+    NeedMore(usize),
+    /// The destination pushed back; its write waker is registered.
+    Blocked,
+    Event(DirEvent),
+}
+
+#[derive(Debug)]
+enum DirEvent {
+    Closed(ClosePayload),
+    ReadFailed(String),
+    Eof,
+    WriteFailed(String),
+    Violation(u16, &'static str),
+}
+
+/// Writes the gateway's bytes, then the region, then flushes: `Ready(Ok)` when everything
+/// this direction owes its destination is written.
+fn write_out<D: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
+    data: &[u8],
+    w: &mut Window,
+    d: &mut Core,
+    dst: &mut D,
+) -> Poll<Result<(), String>> {
+    loop {
+        let (bytes, oob) = if d.oob_off < d.oob.len() {
+            (&d.oob[d.oob_off..], true)
+        } else if w.fwd < w.pos {
+            (&data[w.fwd..w.pos], false)
+        } else if d.dirty {
+            match Pin::new(&mut *dst).poll_flush(cx) {
+                Poll::Ready(Ok(())) => d.dirty = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+                Poll::Pending => return Poll::Pending,
+            }
+            return Poll::Ready(Ok(()));
+        } else {
+            return Poll::Ready(Ok(()));
+        };
+        let n = match Pin::new(&mut *dst).poll_write(cx, bytes) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err("connection closed".into())),
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+            Poll::Pending => return Poll::Pending,
+        };
+        d.dirty = true;
+        if oob {
+            d.oob_off += n;
+            if d.oob_off == d.oob.len() {
+                d.oob_done();
+            }
+        } else {
+            w.fwd += n;
+            if w.fwd == w.pos {
+                d.region_done(&data[w.origin..w.pos]);
+                w.origin = w.pos;
+            }
         }
-        WsError::Capacity(_) => Outcome::Violation(side, 1009, e.to_string()),
-        WsError::Utf8(_) => Outcome::Violation(side, 1007, e.to_string()),
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            Outcome::Gone(side, e.to_string())
+    }
+}
+
+/// Passes on everything complete in `data[w.pos..w.end]`, writing as it goes.
+fn pump<D: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
+    data: &[u8],
+    w: &mut Window,
+    d: &mut Core,
+    dst: &mut D,
+) -> Pump {
+    loop {
+        match write_out(cx, data, w, d, dst) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Pump::Event(DirEvent::WriteFailed(e)),
+            Poll::Pending => return Pump::Blocked,
         }
-        WsError::Protocol(_) => Outcome::Violation(side, 1002, e.to_string()),
-        _ => Outcome::Gone(side, e.to_string()),
+        if std::mem::take(&mut d.ping_due) {
+            d.set_oob(wire::ping(KEEPALIVE, d.to), Oob::Keepalive);
+            continue;
+        }
+        match d.parse_frames(data, w) {
+            Next::Write => continue,
+            Next::NeedMore(total) => return Pump::NeedMore(total),
+            Next::Event(ev) => return Pump::Event(ev),
+        }
+    }
+}
+
+fn read<S: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    src: &mut S,
+    buf: &mut [u8],
+) -> Poll<Result<usize, DirEvent>> {
+    match Pin::new(src).poll_read(cx, buf) {
+        Poll::Ready(Ok(0)) => Poll::Ready(Err(DirEvent::Eof)),
+        Poll::Ready(Ok(n)) => Poll::Ready(Ok(n)),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(DirEvent::ReadFailed(e.to_string()))),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// Polls one direction: reads from `src` and passes complete frames on to `dst` until `src`
+/// has nothing more, `dst` pushes back, or the read budget is spent.
+fn poll_dir<S, D>(cx: &mut Context<'_>, src: &mut S, dst: &mut D, dir: &mut Dir) -> Poll<DirEvent>
+where
+    S: AsyncRead + Unpin,
+    D: AsyncWrite + Unpin,
+{
+    let mut reads = READS;
+    loop {
+        if dir.has_work() {
+            let Dir { inbox, core } = &mut *dir;
+            match pump(cx, &inbox.buf, &mut inbox.w, core, dst) {
+                Pump::NeedMore(total) => inbox.want = total,
+                Pump::Blocked => return Poll::Pending,
+                Pump::Event(ev) => return Poll::Ready(ev),
+            }
+        }
+        if reads == 0 {
+            // Let the other direction and other sessions run; come back at once.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        reads -= 1;
+        let Dir { inbox, core } = &mut *dir;
+        if !inbox.buf.is_empty() {
+            // This direction has a buffer of its own (a frame is incomplete, or it carried
+            // large frames recently): read into it, so a large frame is copied only once.
+            inbox.make_room();
+            let end = inbox.w.end;
+            match read(cx, src, &mut inbox.buf[end..]) {
+                Poll::Ready(Ok(n)) => inbox.w.end += n,
+                Poll::Ready(Err(ev)) => return Poll::Ready(ev),
+                Poll::Pending => return Poll::Pending,
+            }
+            continue;
+        }
+        let step = SCRATCH_BUF.with(|s| {
+            let mut s = s.borrow_mut();
+            let n = match read(cx, src, &mut s[..]) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(ev)) => return Pump::Event(ev),
+                Poll::Pending => return Pump::Blocked,
+            };
+            let mut w = Window {
+                end: n,
+                ..Window::default()
+            };
+            let step = pump(cx, &s[..n], &mut w, core, dst);
+            if w.origin < w.end {
+                inbox.keep(&s[w.origin..w.end], w);
+            }
+            step
+        });
+        match step {
+            Pump::NeedMore(total) => inbox.want = total,
+            Pump::Blocked => return Poll::Pending,
+            Pump::Event(ev) => return Poll::Ready(ev),
+        }
     }
 }
 
 fn dir_outcome(src: Side, ev: DirEvent) -> Outcome {
-    let dst = match src {
-        Side::Client => Side::Backend,
-        Side::Backend => Side::Client,
-    };
     match ev {
-        DirEvent::Closed(f) => Outcome::Closed(src, f),
-        DirEvent::ReadFailed(e) => read_failure(src, e),
+        DirEvent::Closed(p) => Outcome::Closed(src, p),
+        DirEvent::ReadFailed(e) => Outcome::Gone(src, e),
         DirEvent::Eof => Outcome::Gone(src, "connection closed without a close frame".into()),
-        DirEvent::WriteFailed(e) => Outcome::Gone(dst, e.to_string()),
+        DirEvent::WriteFailed(e) => Outcome::Gone(src.other(), e),
+        DirEvent::Violation(code, why) => Outcome::Violation(src, code, why.to_string()),
     }
 }
 
 /// The waker of one direction: it remembers that this direction's sockets became ready, then
-/// wakes the session task. A wakeup then polls only the directions that are ready: a read
-/// attempt on a socket with nothing to read costs a syscall returning EAGAIN and a fill of
-/// tungstenite's read buffer, and polling both directions on every wakeup made most reads
-/// such attempts (bench/profile.sh: 5.9 of 8 recvfrom per echo returned EAGAIN).
+/// wakes the session task. A wakeup then polls only the directions that are ready, so no
+/// read is attempted on a socket that has nothing (bench/profile.sh: polling both
+/// directions on every wakeup made most reads return EAGAIN).
 struct DirWake {
     ready: AtomicBool,
     task: AtomicWaker,
@@ -330,25 +755,15 @@ pub struct Fault {
     pub panic_after_first: bool,
 }
 
-impl Fault {
-    #[cfg(feature = "fault-injection")]
-    fn after_forward(&mut self) {
-        if self.panic_after_first {
-            panic!("fault injection: session panic after relaying the first client message");
-        }
-    }
-}
-
 /// Relays until something ends the session. Counts live in `state` (so a caller can flush
 /// them even after a panic) and are handed to `on_tick` each tick for the shared metrics.
-#[allow(clippy::too_many_arguments)]
 pub async fn relay<C, B>(
-    client: &mut WebSocketStream<C>,
-    backend: &mut WebSocketStream<B>,
+    client: &mut C,
+    backend: &mut B,
     control: &mut mpsc::UnboundedReceiver<Control>,
     timing: Timing,
     state: &mut RelayState,
-    fault: &mut Fault,
+    #[allow(unused_variables)] fault: &Fault,
     mut on_tick: impl FnMut(&Counters),
 ) -> Outcome
 where
@@ -363,9 +778,13 @@ where
         .max(Duration::from_millis(5));
     let mut timer = Timer::after(tick);
     let RelayState { c2b, b2c } = state;
+    #[cfg(feature = "fault-injection")]
+    {
+        c2b.core.panic_after_first = fault.panic_after_first;
+    }
     let start = Instant::now();
     let mut last_data = start;
-    let mut data_seen = 0u64;
+    let mut data_seen = c2b.core.msgs + b2c.core.msgs;
     let mut next_ping = start + timing.ping_interval;
     let mut pinged = false;
 
@@ -383,14 +802,13 @@ where
         // wakeup, the loss is seen before more client messages are written to a dead socket.
         if b2c_wake.ready.swap(false, Ordering::AcqRel) {
             let mut dcx = Context::from_waker(&b2c_waker);
-            if let Poll::Ready(ev) = poll_dir(&mut dcx, backend, client, b2c, &mut Fault::default())
-            {
+            if let Poll::Ready(ev) = poll_dir(&mut dcx, backend, client, b2c) {
                 return Poll::Ready(dir_outcome(Side::Backend, ev));
             }
         }
         if c2b_wake.ready.swap(false, Ordering::AcqRel) {
             let mut dcx = Context::from_waker(&c2b_waker);
-            if let Poll::Ready(ev) = poll_dir(&mut dcx, client, backend, c2b, fault) {
+            if let Poll::Ready(ev) = poll_dir(&mut dcx, client, backend, c2b) {
                 return Poll::Ready(dir_outcome(Side::Client, ev));
             }
         }
@@ -400,34 +818,39 @@ where
         // Tick: idle and keepalive bookkeeping, then re-arm and poll again to register.
         let now = Instant::now();
         let counters = Counters {
-            c2b_msgs: c2b.msgs,
-            b2c_msgs: b2c.msgs,
-            c2b_bytes: c2b.bytes,
-            b2c_bytes: b2c.bytes,
+            c2b_msgs: c2b.core.msgs,
+            b2c_msgs: b2c.core.msgs,
+            c2b_bytes: c2b.core.bytes,
+            b2c_bytes: b2c.core.bytes,
         };
         on_tick(&counters);
-        let seen = c2b.msgs + b2c.msgs;
+        let seen = c2b.core.msgs + b2c.core.msgs;
         if seen != data_seen {
             data_seen = seen;
             last_data = now;
-        } else if now.duration_since(last_data) >= timing.idle {
-            return Poll::Ready(Outcome::Idle);
+        } else {
+            // Quiet for a tick: give the buffers back.
+            c2b.shrink();
+            b2c.shrink();
+            if now.duration_since(last_data) >= timing.idle {
+                return Poll::Ready(Outcome::Idle);
+            }
         }
         if now >= next_ping {
             if pinged {
-                if !c2b.heard {
+                if !c2b.core.heard {
                     return Poll::Ready(Outcome::Unresponsive(Side::Client));
                 }
-                if !b2c.heard {
+                if !b2c.core.heard {
                     return Poll::Ready(Outcome::Unresponsive(Side::Backend));
                 }
             }
-            c2b.heard = false;
-            b2c.heard = false;
+            c2b.core.heard = false;
+            b2c.core.heard = false;
             pinged = true;
             // To the backend: queued on the client→backend direction, and vice versa.
-            c2b.urgent = Some(Message::Ping(KEEPALIVE.into()));
-            b2c.urgent = Some(Message::Ping(KEEPALIVE.into()));
+            c2b.core.ping_due = true;
+            b2c.core.ping_due = true;
             c2b_wake.ready.store(true, Ordering::Release);
             b2c_wake.ready.store(true, Ordering::Release);
             next_ping = now + timing.ping_interval;
@@ -437,38 +860,341 @@ where
     .await
 }
 
-/// A close frame with a code and reason.
-pub fn close_frame(code: u16, reason: &str) -> CloseFrame {
-    CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.to_string().into(),
+/// How one side's socket is closed once the relay is over.
+#[derive(Debug, Clone)]
+pub enum Closing {
+    /// Send this close frame and wait, bounded, for the peer's.
+    Send(ClosePayload),
+    /// The side sent its own close frame: answer it with this one.
+    Answer(ClosePayload),
+}
+
+/// The close frames of a finished relay, both sides at once, each bounded by `within`. What
+/// each direction had already parsed for a side is written to it before its close frame.
+/// `None` for a side whose socket is gone.
+pub async fn close_both<C, B>(
+    client: Option<(&mut C, Closing)>,
+    backend: Option<(&mut B, Closing)>,
+    state: &mut RelayState,
+    within: Duration,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let RelayState { c2b, b2c } = state;
+    // Each side's own answer may already be among the bytes read from it.
+    let (from_client, from_backend) = (c2b.unparsed(), b2c.unparsed());
+    let c = async {
+        if let Some((io, how)) = client {
+            close_side(io, Side::Client, b2c, from_client, how, within).await;
+        }
+    };
+    let b = async {
+        if let Some((io, how)) = backend {
+            close_side(io, Side::Backend, c2b, from_backend, how, within).await;
+        }
+    };
+    futures::join!(c, b);
+}
+
+async fn close_side<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    side: Side,
+    toward: &mut Dir,
+    read: Vec<u8>,
+    how: Closing,
+    within: Duration,
+) {
+    let _ = crate::rt::timeout(within, async {
+        if poll_fn(|cx| toward.poll_drain(cx, io)).await.is_err() {
+            return;
+        }
+        let (payload, wait) = match how {
+            Closing::Send(p) => (p, true),
+            Closing::Answer(p) => (p, false),
+        };
+        toward.core.set_oob(payload.frame(side), Oob::Close);
+        if poll_fn(|cx| toward.poll_drain(cx, io)).await.is_err() {
+            return;
+        }
+        if wait {
+            wait_for_close(io, side, read).await;
+        }
+    })
+    .await;
+}
+
+/// Reads frames from `side` (after `seen`, bytes already read from it) until its close
+/// frame, the end of the socket, or a protocol error. Payloads are skipped, not buffered.
+async fn wait_for_close<S: AsyncRead + Unpin>(io: &mut S, side: Side, mut seen: Vec<u8>) {
+    use futures::AsyncReadExt;
+    let mut skip = 0usize;
+    let mut chunk = vec![0u8; 2048];
+    loop {
+        let mut at = 0;
+        loop {
+            let k = skip.min(seen.len() - at);
+            at += k;
+            skip -= k;
+            if skip > 0 {
+                break;
+            }
+            match wire::parse(&seen[at..], side, usize::MAX) {
+                Parsed::Frame(h) if h.kind == Kind::Close => return,
+                Parsed::Frame(h) => skip = h.total(),
+                Parsed::Incomplete => break,
+                Parsed::Bad(..) => return,
+            }
+        }
+        seen.drain(..at);
+        match io.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+        }
     }
 }
 
-/// Sends a close frame (if the socket can still take one) and waits, bounded, for the peer's
-/// answer; data arriving meanwhile is dropped (the other side is gone).
-pub async fn close_side<S>(ws: &mut WebSocketStream<S>, frame: Option<CloseFrame>, within: Duration)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let _ = crate::rt::timeout(within, async {
-        if ws.close(frame).await.is_err() {
-            return;
-        }
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
 
-/// Completes a side that already sent its close frame: flushes tungstenite's queued reply and
-/// reads until the socket ends, bounded.
-pub async fn finish_closed_side<S>(ws: &mut WebSocketStream<S>, within: Duration)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let _ = crate::rt::timeout(within, async {
-        let _ = ws.flush().await;
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
+    /// A source that hands out `chunks` one per read, with a `Pending` before every other one.
+    struct Chunks {
+        chunks: Vec<Vec<u8>>,
+        next: usize,
+        stall: bool,
+    }
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            if std::mem::take(&mut self.stall) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.stall = true;
+            let next = self.next;
+            let Some(c) = self.chunks.get_mut(next) else {
+                return Poll::Ready(Ok(0));
+            };
+            let n = c.len().min(buf.len());
+            buf[..n].copy_from_slice(&c[..n]);
+            c.drain(..n);
+            if c.is_empty() {
+                self.next += 1;
+            }
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    /// A destination that takes at most `step` bytes a write and pushes back every third one.
+    struct Trickle {
+        out: Vec<u8>,
+        step: usize,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(3) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.step);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A client's frame: masked, with a fixed key.
+    fn client_frame(op: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x11, 0x22, 0x33, 0x44];
+        let mut f = vec![op | if fin { 0x80 } else { 0 }];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        let at = f.len();
+        f.extend_from_slice(payload);
+        wire::unmask(&mut f[at..], mask);
+        f
+    }
+
+    /// The messages and pings in a stream of frames a backend receives.
+    fn decode(mut bytes: &[u8]) -> Vec<(Kind, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let Parsed::Frame(h) = wire::parse(bytes, Side::Client, usize::MAX) else {
+                panic!("garbage in the output: {bytes:?}")
+            };
+            assert!(h.fin, "the gateway sends every message as one frame");
+            let mut p = bytes[h.len..h.total()].to_vec();
+            wire::unmask(&mut p, h.mask.unwrap_or_default());
+            out.push((h.kind, p));
+            bytes = &bytes[h.total()..];
+        }
+        out
+    }
+
+    /// One message: kind (text, binary, or a client ping), payload, and how many fragments.
+    fn message() -> impl Strategy<Value = (u8, Vec<u8>, usize)> {
+        (
+            0u8..3,
+            prop::collection::vec(any::<u8>(), 0..3000),
+            1usize..4,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// Whatever the read boundaries and however the destination trickles, the backend
+        /// gets every message and ping once, in order, whole, and the counts add up.
+        #[test]
+        fn frames_pass_whole_and_in_order(
+            msgs in prop::collection::vec(message(), 1..12),
+            cuts in prop::collection::vec(1usize..5000, 1..40),
+            step in 1usize..9000,
+        ) {
+            let mut stream = Vec::new();
+            let mut want = Vec::new();
+            let mut payload_bytes = 0u64;
+            let mut data_msgs = 0u64;
+            for (k, payload, parts) in &msgs {
+                if *k == 2 {
+                    let p = &payload[..payload.len().min(125)];
+                    stream.extend(client_frame(0x9, true, p));
+                    want.push((Kind::Ping, p.to_vec()));
+                    continue;
+                }
+                let (op, kind) = if *k == 0 { (0x1, Kind::Text) } else { (0x2, Kind::Binary) };
+                let size = payload.len().div_ceil(*parts).max(1);
+                let pieces: Vec<&[u8]> = if payload.is_empty() { vec![&[][..]] } else { payload.chunks(size).collect() };
+                for (i, piece) in pieces.iter().enumerate() {
+                    let first = if i == 0 { op } else { 0x0 };
+                    stream.extend(client_frame(first, i + 1 == pieces.len(), piece));
+                    if i == 0 && pieces.len() > 1 {
+                        // A client ping in the middle of a fragmented message goes on first.
+                        stream.extend(client_frame(0x9, true, b"mid"));
+                        want.push((Kind::Ping, b"mid".to_vec()));
+                    }
+                }
+                want.push((kind, payload.clone()));
+                payload_bytes += payload.len() as u64;
+                data_msgs += 1;
+            }
+            let mut chunks = Vec::new();
+            let mut rest = &stream[..];
+            for c in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let n = (*c).min(rest.len());
+                chunks.push(rest[..n].to_vec());
+                rest = &rest[n..];
+            }
+            let mut src = Chunks { chunks, next: 0, stall: false };
+            let mut dst = Trickle { out: Vec::new(), step, calls: 0 };
+            let limits = Limits { max_message: 1 << 20, max_frame: 1 << 20 };
+            let mut dir = Dir::new(Side::Client, limits);
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            let mut end = None;
+            for _ in 0..100_000 {
+                if let Poll::Ready(ev) = poll_dir(&mut cx, &mut src, &mut dst, &mut dir) {
+                    end = Some(ev);
+                    break;
+                }
+            }
+            prop_assert!(matches!(end, Some(DirEvent::Eof)), "ended with {end:?}");
+            let got = decode(&dst.out);
+            // Reassembled messages go out when complete, so a ping sent between fragments
+            // may come first: compare pings and messages each in their own order.
+            type Frames = Vec<(Kind, Vec<u8>)>;
+            let split = |v: &Frames| -> (Frames, Frames) {
+                v.iter().cloned().partition(|(k, _)| *k == Kind::Ping)
+            };
+            prop_assert_eq!(split(&got), split(&want));
+            prop_assert_eq!((dir.core.msgs, dir.core.bytes), (data_msgs, payload_bytes));
+        }
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_ends_the_direction_before_it_is_buffered() {
+        let mut head = vec![0x82u8, 0x80 | 127];
+        head.extend_from_slice(&(10u64 << 20).to_be_bytes());
+        head.extend_from_slice(&[1, 2, 3, 4]);
+        let mut src = Chunks {
+            chunks: vec![head],
+            next: 0,
+            stall: false,
+        };
+        let mut dst = Trickle {
+            out: Vec::new(),
+            step: 100,
+            calls: 0,
+        };
+        let limits = Limits {
+            max_message: 1 << 20,
+            max_frame: 8 << 20,
+        };
+        let mut dir = Dir::new(Side::Client, limits);
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let mut end = None;
+        for _ in 0..10 {
+            if let Poll::Ready(ev) = poll_dir(&mut cx, &mut src, &mut dst, &mut dir) {
+                end = Some(ev);
+                break;
+            }
+        }
+        assert!(matches!(end, Some(DirEvent::Violation(1009, _))), "{end:?}");
+        assert!(
+            dir.inbox.buf.len() < 1 << 20,
+            "the frame must not be buffered"
+        );
+        assert!(dst.out.is_empty());
+    }
+
+    #[test]
+    fn failover_resends_a_partly_written_frame_whole() {
+        let a = client_frame(0x2, true, &[1; 100]);
+        let b = client_frame(0x2, true, &[2; 100]);
+        let mut inbox = Inbox::default();
+        let mut bytes = a.clone();
+        bytes.extend_from_slice(&b);
+        let w = Window {
+            origin: 0,
+            fwd: a.len() + 10,
+            pos: bytes.len(),
+            end: bytes.len(),
+        };
+        inbox.keep(&bytes, w);
+        inbox.rewind_region(Side::Client);
+        assert_eq!(
+            (inbox.w.origin, inbox.w.fwd),
+            (a.len(), a.len()),
+            "b goes whole"
+        );
+    }
 }

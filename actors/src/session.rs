@@ -17,18 +17,14 @@ use crate::messages::{
 };
 use crate::metrics::HandshakeFailure;
 use crate::pool::{BackendState, Lease};
-use crate::relay::{
-    self, close_frame, Control, Counters, Fault, Outcome, RelayState, Side, Timing,
-};
+use crate::relay::{self, Closing, Control, Counters, Fault, Outcome, RelayState, Side, Timing};
 use crate::rt;
 use crate::shared::{SessionSlot, Shared};
 use crate::transport::{self, BackendStream, ClientStream};
 use crate::tunnel::{self, TunnelCounts, TunnelEnd};
-use async_tungstenite::tungstenite::protocol::{CloseFrame, Role};
-use async_tungstenite::WebSocketStream;
+use crate::wire::ClosePayload;
 use futures::channel::mpsc;
 use futures::FutureExt;
-use futures::SinkExt;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering::Relaxed;
@@ -99,9 +95,6 @@ impl Handler<SessionFinished> for Session {
     }
 }
 
-type ClientWs = WebSocketStream<ClientStream>;
-type BackendWs = WebSocketStream<BackendStream>;
-
 /// Who ended a session, for the access line.
 #[derive(Debug, Clone, Copy)]
 enum ClosedBy {
@@ -121,8 +114,8 @@ struct Run {
     /// The accepted socket, until the PROXY header and TLS are done.
     tcp: Option<rt::TcpStream>,
     raw: Option<ClientStream>,
-    client: Option<ClientWs>,
-    backend: Option<BackendWs>,
+    client: Option<ClientStream>,
+    backend: Option<BackendStream>,
     lease: Option<Lease>,
     slot: Option<SessionSlot>,
     route: Option<String>,
@@ -302,7 +295,11 @@ impl Run {
             .pools
             .get(&route.pool)
             .map_or(0, |p| p.replay_first_messages as usize);
-        self.state = RelayState::new(replay);
+        let limits = relay::Limits {
+            max_message: self.config.limits.max_message_bytes,
+            max_frame: self.config.limits.max_frame_bytes,
+        };
+        self.state = RelayState::new(replay, limits);
         let key = head.header("sec-websocket-key").unwrap_or_default();
         let answer = handshake::switching_protocols(key, response, tunnel);
         let Some(mut raw) = self.raw.take() else {
@@ -310,33 +307,26 @@ impl Run {
         };
         let written = handshake::write_all(&mut raw, &answer).await.is_ok();
         let leftover = buf.split_off(head_len);
-        match upstream {
-            Upstream::Ws(backend, _) => {
-                self.backend = Some(*backend);
-                if !written {
-                    self.close = Some((1006, ClosedBy::Client));
-                    return false;
-                }
-                let limits = self.config.limits;
-                let cfg = relay::ws_config(limits.max_message_bytes, limits.max_frame_bytes);
-                self.client = Some(
-                    WebSocketStream::from_partially_read(raw, leftover, Role::Server, Some(cfg))
-                        .await,
-                );
-            }
-            Upstream::Http(_) => return false,
-            Upstream::Raw(backend, up) => {
-                if !written {
-                    self.close = Some((1006, ClosedBy::Client));
-                    return false;
-                }
-                self.tunnel = Some(TunnelIo {
-                    client: raw,
-                    backend,
-                    c2b: leftover,
-                    b2c: up.rest,
-                });
-            }
+        let Upstream::Raw(backend, up) = upstream else {
+            return false;
+        };
+        if !written {
+            self.backend = Some(backend);
+            self.close = Some((1006, ClosedBy::Client));
+            return false;
+        }
+        if tunnel {
+            self.tunnel = Some(TunnelIo {
+                client: raw,
+                backend,
+                c2b: leftover,
+                b2c: up.rest,
+            });
+        } else {
+            self.state.preload(Side::Client, leftover);
+            self.state.preload(Side::Backend, up.rest);
+            self.client = Some(raw);
+            self.backend = Some(backend);
         }
         if let Some(lease) = self.lease.as_mut() {
             lease.attach(self.id, me.downgrade());
@@ -545,8 +535,6 @@ impl Run {
             }
         };
         let timeouts = self.config.timeouts;
-        let limits = self.config.limits;
-        let cfg = relay::ws_config(limits.max_message_bytes, limits.max_frame_bytes);
         let client = ClientInfo {
             ip: self.peer.ip(),
             tls: self.shared.listeners[self.listener].tls.is_some(),
@@ -567,7 +555,7 @@ impl Run {
                 mode == Mode::Tunnel,
             );
             let offered = head.header("sec-websocket-protocol");
-            match dial(b, &request, &key, offered, cfg, timeouts.connect(), mode).await {
+            match dial(b, &request, &key, offered, timeouts.connect(), mode).await {
                 Ok(ok) => {
                     self.lease = lease;
                     self.backends_used.push(b.addr);
@@ -614,11 +602,9 @@ impl Run {
             .dial_walk(&pool, &head, lost.into_iter().collect(), Mode::Message)
             .await;
         self.head = Some(head);
-        let (mut backend, response) = match result {
-            Ok(Upstream::Ws(ws, response)) => (*ws, response),
-            Ok(Upstream::Raw(..) | Upstream::Http(_)) => {
-                return Err("only message relays fail over".into())
-            }
+        let (mut backend, up) = match result {
+            Ok(Upstream::Raw(backend, up)) => (backend, up),
+            Ok(Upstream::Http(_)) => return Err("only message relays fail over".into()),
             Err(Walk::Refused(resp)) => {
                 return Err(format!(
                     "new backend refused the upgrade with {}",
@@ -627,24 +613,20 @@ impl Run {
             }
             Err(Walk::NoBackend) => return Err("no healthy backend took the session".into()),
         };
-        let chosen = response.header("sec-websocket-protocol");
+        let chosen = up.response.header("sec-websocket-protocol");
         if chosen != self.subprotocol.as_deref() {
             return Err(format!(
                 "new backend chose subprotocol {chosen:?}, the session has {:?}",
                 self.subprotocol
             ));
         }
-        for m in self.state.replay() {
-            backend
-                .feed(m.clone())
-                .await
-                .map_err(|e| format!("replay: {e}"))?;
-        }
-        backend.flush().await.map_err(|e| format!("replay: {e}"))?;
+        handshake::write_all(&mut backend, self.state.replay())
+            .await
+            .map_err(|e| format!("replay: {e}"))?;
         if let Some(lease) = self.lease.as_mut() {
             lease.attach(self.id, me.downgrade());
         }
-        self.state.backend_replaced();
+        self.state.backend_replaced(&up.rest);
         self.backend = Some(backend);
         self.failovers += 1;
         self.shared.metrics.failovers_total.fetch_add(1, Relaxed);
@@ -655,7 +637,7 @@ impl Run {
             self.backends_used
                 .last()
                 .map_or("-".to_string(), |a| a.to_string()),
-            self.state.replay().len()
+            self.state.replayed()
         );
         Ok(())
     }
@@ -681,7 +663,7 @@ impl Run {
                 control,
                 timing,
                 &mut self.state,
-                &mut self.fault,
+                &self.fault,
                 |c| flush_counters(&metrics, flushed, c),
             )
             .await;
@@ -730,41 +712,42 @@ impl Run {
             }
             break outcome;
         };
-        let going_away = || Some(close_frame(1001, "going away"));
-        let (client_frame, backend_frame, close) = match outcome {
-            Outcome::Closed(Side::Client, f) => {
-                let code = f.as_ref().map_or(1005, |f| u16::from(f.code));
-                (None, Some(f), (code, ClosedBy::Client))
+        let send = |code, reason| Some(Closing::Send(ClosePayload::new(code, reason)));
+        let going_away = || send(1001, "going away");
+        let (client_close, backend_close, close) = match outcome {
+            Outcome::Closed(Side::Client, p) => {
+                let code = p.code().unwrap_or(1005);
+                let answer = Some(Closing::Answer(p.clone()));
+                (answer, Some(Closing::Send(p)), (code, ClosedBy::Client))
             }
-            Outcome::Closed(Side::Backend, f) => {
-                let code = f.as_ref().map_or(1005, |f| u16::from(f.code));
-                (Some(f), None, (code, ClosedBy::Backend))
+            Outcome::Closed(Side::Backend, p) => {
+                let code = p.code().unwrap_or(1005);
+                let answer = Some(Closing::Answer(p.clone()));
+                (Some(Closing::Send(p)), answer, (code, ClosedBy::Backend))
             }
             Outcome::Gone(Side::Client, _) | Outcome::Unresponsive(Side::Client) => {
                 self.client = None;
-                (None, Some(going_away()), (1006, ClosedBy::Client))
+                (None, going_away(), (1006, ClosedBy::Client))
             }
             Outcome::Gone(Side::Backend, _)
             | Outcome::Unresponsive(Side::Backend)
-            | Outcome::Control(Control::BackendDown(..)) => (
-                Some(Some(close_frame(1014, "bad gateway"))),
-                None,
-                (1014, ClosedBy::Gateway),
-            ),
+            | Outcome::Control(Control::BackendDown(..)) => {
+                (send(1014, "bad gateway"), None, (1014, ClosedBy::Gateway))
+            }
             Outcome::Violation(side, code, ref why) => {
                 log::info!(
                     "session#{}: {side:?} broke a limit or the protocol: {why}",
                     self.id
                 );
-                let mine = Some(close_frame(code, "message too big or invalid"));
+                let mine = send(code, "message too big or invalid");
                 match side {
-                    Side::Client => (Some(mine), Some(going_away()), (code, ClosedBy::Gateway)),
-                    Side::Backend => (Some(going_away()), Some(mine), (1001, ClosedBy::Gateway)),
+                    Side::Client => (mine, going_away(), (code, ClosedBy::Gateway)),
+                    Side::Backend => (going_away(), mine, (1001, ClosedBy::Gateway)),
                 }
             }
             Outcome::Idle => (
-                Some(Some(close_frame(1001, "idle timeout"))),
-                Some(Some(close_frame(1001, "idle timeout"))),
+                send(1001, "idle timeout"),
+                send(1001, "idle timeout"),
                 (1001, ClosedBy::Gateway),
             ),
             Outcome::Control(Control::Close {
@@ -773,20 +756,16 @@ impl Run {
                 within,
             }) => {
                 self.close_wait = within;
-                (
-                    Some(Some(close_frame(code, reason))),
-                    Some(going_away()),
-                    (code, ClosedBy::Gateway),
-                )
+                (send(code, reason), going_away(), (code, ClosedBy::Gateway))
             }
             Outcome::ControlLost => (
-                Some(Some(close_frame(1011, "internal error"))),
-                Some(going_away()),
+                send(1011, "internal error"),
+                going_away(),
                 (1011, ClosedBy::Gateway),
             ),
         };
         self.close = Some(close);
-        self.close_sockets(client_frame, backend_frame).await;
+        Box::pin(self.close_sockets(client_close, backend_close)).await;
     }
 
     /// A tunnel-mode session: copy bytes both ways until a side closes. Frames are not parsed,
@@ -829,29 +808,16 @@ impl Run {
         }
     }
 
-    async fn close_sockets(
-        &mut self,
-        client_frame: Option<Option<CloseFrame>>,
-        backend_frame: Option<Option<CloseFrame>>,
-    ) {
-        let wait = self.close_wait;
-        let c = async {
-            if let Some(ws) = self.client.as_mut() {
-                match client_frame {
-                    Some(f) => relay::close_side(ws, f, wait).await,
-                    None => relay::finish_closed_side(ws, wait).await,
-                }
-            }
-        };
-        let b = async {
-            if let Some(ws) = self.backend.as_mut() {
-                match backend_frame {
-                    Some(f) => relay::close_side(ws, f, wait).await,
-                    None => relay::finish_closed_side(ws, wait).await,
-                }
-            }
-        };
-        futures::join!(c, b);
+    /// The closing handshakes: `None` for a side that gets no close frame (gone, or a
+    /// backend whose socket is still the lost one: it is dropped).
+    async fn close_sockets(&mut self, client: Option<Closing>, backend: Option<Closing>) {
+        relay::close_both(
+            self.client.as_mut().zip(client),
+            self.backend.as_mut().zip(backend),
+            &mut self.state,
+            self.close_wait,
+        )
+        .await;
     }
 
     /// Answers a panic: 1011 to the client (500 before the upgrade), 1001 to the backend.
@@ -866,8 +832,8 @@ impl Run {
             return;
         }
         self.close_sockets(
-            Some(Some(close_frame(1011, "internal error"))),
-            Some(Some(close_frame(1001, "going away"))),
+            Some(Closing::Send(ClosePayload::new(1011, "internal error"))),
+            Some(Closing::Send(ClosePayload::new(1001, "going away"))),
         )
         .await;
     }
@@ -976,9 +942,7 @@ enum Mode {
 
 /// A backend that accepted the connection (and the upgrade, for WebSocket modes).
 enum Upstream {
-    /// Message relay: the backend's socket as a WebSocket, and its 101.
-    Ws(Box<BackendWs>, ResponseHead),
-    /// Tunnel relay: the raw socket, its 101 and what the backend sent after it.
+    /// Message and tunnel relays: the raw socket, its 101 and what the backend sent after it.
     Raw(BackendStream, Upgraded),
     /// HTTP pass-through: a connected socket.
     Http(BackendStream),
@@ -987,7 +951,6 @@ enum Upstream {
 impl Upstream {
     fn response(&self) -> Option<&ResponseHead> {
         match self {
-            Upstream::Ws(_, r) => Some(r),
             Upstream::Raw(_, up) => Some(&up.response),
             Upstream::Http(_) => None,
         }
@@ -1003,14 +966,12 @@ struct TunnelIo {
 }
 
 /// Connects to a backend and, for the WebSocket modes, does the upgrade on raw bytes (one
-/// path for both relays): the message relay then wraps the socket with
-/// `from_partially_read`, keeping any frames the backend sent right after its 101.
+/// path for both relays), keeping any frames the backend sent right after its 101.
 async fn dial(
     b: &BackendState,
     request: &[u8],
     key: &str,
     offered: Option<&str>,
-    cfg: async_tungstenite::tungstenite::protocol::WebSocketConfig,
     timeout: std::time::Duration,
     mode: Mode,
 ) -> Result<Upstream, DialError> {
@@ -1023,12 +984,7 @@ async fn dial(
     }
     let left = timeout.saturating_sub(started.elapsed());
     match handshake::raw_upgrade(&mut tcp, request, key, offered, left).await {
-        Ok(up) if mode == Mode::Tunnel => Ok(Upstream::Raw(tcp, up)),
-        Ok(up) => {
-            let ws =
-                WebSocketStream::from_partially_read(tcp, up.rest, Role::Client, Some(cfg)).await;
-            Ok(Upstream::Ws(Box::new(ws), up.response))
-        }
+        Ok(up) => Ok(Upstream::Raw(tcp, up)),
         Err(Ok(up)) if (400..500).contains(&up.response.status) => Err(DialError::Refused(up)),
         Err(Ok(up)) => Err(DialError::Failed(format!(
             "upgrade answered {}",
