@@ -1,21 +1,26 @@
 //! The runtime seam: every call into the async runtime goes through here, so moving from
 //! async-std (deprecated upstream) to smol is a change to this file alone.
 //!
-//! Sockets are our own thin types over `async_io::Async` — the reactor async-std runs on and
-//! smol is built on — so the gateway controls two things the async-std types hide: the
-//! listen backlog, and how a read waits for the next readiness event (see
-//! [`TcpStream`]'s `poll_read`).
+//! Sockets are our own thin types, so the gateway controls what the async-std types hide:
+//! the listen backlog, and how a connection waits for readiness. Listeners are
+//! `async_io::Async` (the reactor async-std runs on and smol is built on); connections are
+//! registered once, edge-triggered, in an epoll set of our own whose descriptor is a source
+//! in that same reactor ([`reactor`]), and a read waits for the next event only when the
+//! last one emptied the socket (see [`TcpStream`]'s `poll_read`).
 
 use futures::io::{AsyncRead, AsyncWrite};
 use std::future::Future;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::{self, Shutdown, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_io::Async;
+
+mod reactor;
 
 pub use async_std::task::JoinHandle;
 
@@ -35,6 +40,11 @@ where
     F::Output: Send + 'static,
 {
     async_std::task::spawn(f)
+}
+
+/// Lets every other ready task run once before this one goes on.
+pub async fn yield_now() {
+    async_std::task::yield_now().await
 }
 
 pub async fn sleep(d: Duration) {
@@ -73,8 +83,11 @@ impl TcpListener {
     }
 
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        let (s, peer) = self.0.accept().await?;
-        Ok((TcpStream(Arc::new(s), Drained::default()), peer))
+        let (s, peer) = self.0.read_with(|l| l.accept()).await?;
+        Ok((
+            TcpStream(reactor::Source::new(s)?, Drained::default()),
+            peer,
+        ))
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -82,103 +95,120 @@ impl TcpListener {
     }
 }
 
-/// A TCP connection. Cloning shares the socket (the tunnel's two copy loops use one each).
+/// A TCP connection, registered edge-triggered in [`reactor`] (no re-arm per wait). Cloning
+/// shares the socket (the tunnel's two copy loops use one each).
 #[derive(Clone)]
-pub struct TcpStream(Arc<Async<net::TcpStream>>, Drained);
+pub struct TcpStream(Arc<reactor::Source>, Drained);
 
-/// Whether this handle's last read returned less than it asked for: a TCP socket's receive
-/// queue was empty at that moment, so another read now would only return EAGAIN.
+/// Whether this handle's last read returned less than it asked for, or nothing: the socket's
+/// receive queue was empty at that moment, so another read needs a new event first.
 #[derive(Clone, Copy, Default)]
 struct Drained(bool);
 
 impl TcpStream {
+    /// Connects without blocking: a non-blocking `connect`, then the first writable event.
     pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-        Ok(TcpStream(
-            Arc::new(Async::<net::TcpStream>::connect(addr).await?),
-            Drained::default(),
-        ))
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_nonblocking(true)?;
+        match socket.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => {}
+            Err(e) => return Err(e),
+        }
+        let src = reactor::Source::new(net::TcpStream::from(socket))?;
+        std::future::poll_fn(|cx| src.write.poll(cx)).await;
+        if let Some(e) = src.io.take_error()? {
+            return Err(e);
+        }
+        src.io.peer_addr()?;
+        Ok(TcpStream(src, Drained::default()))
     }
 
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        self.0.get_ref().set_nodelay(on)
+        self.0.io.set_nodelay(on)
     }
 
     /// Half-closes the connection (`Shutdown::Write` sends a FIN).
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        self.0.get_ref().shutdown(how)
+        self.0.io.shutdown(how)
     }
 
     /// Waits for data and copies it without consuming it.
     pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.peek(buf).await
+        let src = &*self.0;
+        std::future::poll_fn(|cx| loop {
+            src.read.take();
+            match src.io.peek(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if src.read.poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+                res => return Poll::Ready(res),
+            }
+        })
+        .await
     }
 }
 
 impl AsyncRead for TcpStream {
-    /// One read attempt per readiness event, and none that is known to find nothing:
-    /// - after a short read (the receive queue was emptied), the next call waits for the next
-    ///   event instead of reading;
-    /// - async-io reports each delivered event once: a `Ready` from `poll_readable` right
-    ///   after a read is the event whose data was just read, so it registers again rather than
-    ///   read again.
-    ///
-    /// Either way such a read would have returned EAGAIN: a `recvfrom` per message and
-    /// direction saved. No data is missed: re-arming the one-shot epoll interest reports data
-    /// that arrived in between at once.
+    /// One read attempt per readiness event, and none that is known to find nothing: after a
+    /// short read or `EAGAIN` (the receive queue was emptied) the next attempt waits for the
+    /// next event. The event flag is consumed before each attempt, so data that arrives
+    /// during it raises the flag again and is not missed.
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let io = &*this.0;
-        if std::mem::take(&mut this.1 .0) {
-            match wait_readable(io, cx) {
-                Poll::Ready(Ok(())) => {}
-                other => return other.map(|r| r.map(|()| 0)),
-            }
-        }
+        let src = &*this.0;
         loop {
-            match io.get_ref().read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            let event = src.read.take();
+            let wait = this.1 .0 && !event && !src.hup.load(Ordering::Acquire);
+            if wait && src.read.poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            match (&src.io).read(buf) {
                 Ok(n) => {
                     this.1 .0 = n > 0 && n < buf.len();
                     return Poll::Ready(Ok(n));
                 }
-                res => return Poll::Ready(res),
-            }
-            match wait_readable(io, cx) {
-                Poll::Ready(Ok(())) => continue, // a genuinely new event
-                other => return other.map(|r| r.map(|()| 0)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.1 .0 = true,
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
 }
 
-/// Registers for the next readable event, skipping the one already consumed: `Pending` once
-/// registered, `Ready` only for an event newer than the last read.
-fn wait_readable(io: &Async<net::TcpStream>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-    match io.poll_readable(cx) {
-        Poll::Ready(Ok(())) => io.poll_readable(cx),
-        other => other,
-    }
-}
-
 impl AsyncWrite for TcpStream {
+    /// Writes at once; only after `EAGAIN` waits for the next writable event.
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut &*self.0).poll_write(cx, buf)
+        let src = &*self.0;
+        loop {
+            src.write.take();
+            match (&src.io).write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if src.write.poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+                res => return Poll::Ready(res),
+            }
+        }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut &*self.0).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
-    /// Flushes only, like async-io's; use [`TcpStream::shutdown`] for a FIN.
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut &*self.0).poll_close(cx)
+    /// Flushes only (a socket has nothing to flush); use [`TcpStream::shutdown`] for a FIN.
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }

@@ -1,0 +1,221 @@
+//! Edge-triggered readiness for the gateway's TCP connections (Linux epoll).
+//!
+//! async-io registers sockets one-shot: every wait for a readiness event re-arms the socket
+//! with an `epoll_ctl`, one per message and direction (bench/profile.sh: 2.4 per echoed
+//! message, about a quarter of the relay's syscall time; nginx makes none). Here every
+//! connection is registered once, edge-triggered, for reading and writing, in an epoll set of
+//! our own. That set's descriptor is itself a source in async-io's reactor, so the executor
+//! and its reactor stay async-std's: one dispatch task waits for the set to become readable,
+//! takes every ready event with one `epoll_wait` (no timeout) and wakes the tasks waiting on
+//! them. Per batch of events that costs the set's one-shot re-arm and one `epoll_wait`,
+//! whatever the number of sockets in it.
+//!
+//! A [`Readiness`] is a flag set by the dispatcher and consumed by the socket's user: a read
+//! or write is attempted after consuming it, so an event arriving during the attempt sets it
+//! again and is never lost (the edge-triggered rule: wait only after `EAGAIN`, or after a
+//! read that came back short, which emptied the receive queue).
+
+use futures::task::AtomicWaker;
+use rustix::event::epoll;
+use std::io;
+use std::mem::MaybeUninit;
+use std::net;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::task::{Context, Poll};
+
+/// Events taken per `epoll_wait`; more are taken on the next round at once.
+const BATCH: usize = 256;
+
+/// One direction's readiness: set by the dispatcher on an event, consumed by the user.
+pub struct Readiness {
+    ready: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Readiness {
+    fn new() -> Readiness {
+        Readiness {
+            ready: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    fn set(&self) {
+        self.ready.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Consumes a pending event; `true` if there was one.
+    pub fn take(&self) -> bool {
+        self.ready.swap(false, Ordering::AcqRel)
+    }
+
+    /// `Ready` (the event consumed) once an event is pending; otherwise registers the waker.
+    pub fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.take() {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.take() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// A registered connection. Dropping it removes it from the set before the socket closes.
+pub struct Source {
+    pub io: net::TcpStream,
+    pub read: Readiness,
+    pub write: Readiness,
+    /// The peer's FIN (or an error) has been reported. It is sticky: arriving with the last
+    /// data, it brings no event of its own after the read that takes that data, so a read
+    /// must not wait for one.
+    pub hup: AtomicBool,
+    key: usize,
+}
+
+impl Source {
+    /// Registers `io` (made non-blocking) for edge-triggered read and write events.
+    pub fn new(io: net::TcpStream) -> io::Result<Arc<Source>> {
+        io.set_nonblocking(true)?;
+        let r = reactor()?;
+        let src = {
+            let mut slots = r.slots();
+            let key = slots.free.pop().unwrap_or(slots.list.len());
+            if key == slots.list.len() {
+                slots.list.push(Weak::new());
+            }
+            let src = Arc::new(Source {
+                io,
+                read: Readiness::new(),
+                write: Readiness::new(),
+                hup: AtomicBool::new(false),
+                key,
+            });
+            slots.list[key] = Arc::downgrade(&src);
+            src
+        };
+        let flags = epoll::EventFlags::IN
+            | epoll::EventFlags::OUT
+            | epoll::EventFlags::RDHUP
+            | epoll::EventFlags::ET;
+        epoll::add(
+            &r.epoll,
+            &src.io,
+            epoll::EventData::new_u64(src.key as u64),
+            flags,
+        )?;
+        Ok(src)
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if let Some(r) = REACTOR.get() {
+            let _ = epoll::delete(&r.epoll, &self.io);
+            let mut slots = r.slots();
+            slots.list[self.key] = Weak::new();
+            slots.free.push(self.key);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Slots {
+    list: Vec<Weak<Source>>,
+    free: Vec<usize>,
+}
+
+struct Reactor {
+    epoll: OwnedFd,
+    slots: Mutex<Slots>,
+}
+
+impl Reactor {
+    fn slots(&self) -> MutexGuard<'_, Slots> {
+        // A panic while holding the lock cannot leave the table half-written.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+static REACTOR: OnceLock<Reactor> = OnceLock::new();
+
+/// The process's set, created (and its dispatch task started) on first use.
+fn reactor() -> io::Result<&'static Reactor> {
+    if let Some(r) = REACTOR.get() {
+        return Ok(r);
+    }
+    let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+    let outer = async_io::Async::new(epoll.try_clone()?)?;
+    let mut started = false;
+    let r = REACTOR.get_or_init(|| {
+        started = true;
+        Reactor {
+            epoll,
+            slots: Mutex::new(Slots::default()),
+        }
+    });
+    if started {
+        super::spawn(dispatch(r, outer));
+    }
+    Ok(r)
+}
+
+/// Waits for the set to have events, then wakes the sockets they are for.
+async fn dispatch(r: &'static Reactor, outer: async_io::Async<OwnedFd>) {
+    let mut woken: Vec<(Arc<Source>, epoll::EventFlags)> = Vec::with_capacity(BATCH);
+    loop {
+        if let Err(e) = outer.readable().await {
+            log::error!("edge-triggered reactor: waiting on the epoll set failed: {e}");
+            super::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        }
+        // While a batch wakes sessions, their peers answer: look again once they have run,
+        // and go back to the reactor only when a look finds nothing.
+        while take_events(r, &mut woken) > 0 {
+            use epoll::EventFlags as F;
+            for (src, flags) in woken.drain(..) {
+                if flags.intersects(F::RDHUP | F::HUP | F::ERR) {
+                    src.hup.store(true, Ordering::Release);
+                }
+                if flags.intersects(F::IN | F::PRI | F::RDHUP | F::HUP | F::ERR) {
+                    src.read.set();
+                }
+                if flags.intersects(F::OUT | F::HUP | F::ERR) {
+                    src.write.set();
+                }
+            }
+            super::yield_now().await;
+        }
+    }
+}
+
+/// One `epoll_wait` without a timeout: the sources of the ready events, upgraded under the
+/// lock (they are woken and dropped outside it, since a drop takes the lock).
+fn take_events(r: &Reactor, woken: &mut Vec<(Arc<Source>, epoll::EventFlags)>) -> usize {
+    let mut buf = [const { MaybeUninit::<epoll::Event>::uninit() }; BATCH];
+    let none = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let events = match epoll::wait(&r.epoll, &mut buf[..], Some(&none)) {
+        Ok((events, _)) => events,
+        Err(rustix::io::Errno::INTR) => return 1, // look again
+        Err(e) => {
+            log::error!("edge-triggered reactor: epoll_wait failed: {e}");
+            return 0;
+        }
+    };
+    let slots = r.slots();
+    for ev in events.iter() {
+        let key = ev.data.u64() as usize;
+        if let Some(src) = slots.list.get(key).and_then(Weak::upgrade) {
+            woken.push((src, ev.flags));
+        }
+    }
+    events.len()
+}
