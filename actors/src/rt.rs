@@ -4,7 +4,8 @@
 //! Sockets are our own thin types over `async_io::Async` — the reactor async-std runs on and
 //! smol is built on — so the gateway controls two things the async-std types hide: the
 //! listen backlog, and how a read waits for the next readiness event (see
-//! [`TcpStream`]'s `poll_read`).
+//! [`TcpStream`]'s `poll_read`). Plain TCP tunnels copy bulk bytes with `splice(2)` through
+//! [`SpliceBuf`] (in `rt/splice.rs`), under the same readiness discipline.
 
 use futures::io::{AsyncRead, AsyncWrite};
 use std::future::Future;
@@ -18,6 +19,9 @@ use std::time::Duration;
 use async_io::Async;
 
 pub use async_std::task::JoinHandle;
+
+mod splice;
+pub use splice::{SpliceBuf, SpliceError};
 
 /// Connections a listener lets the kernel queue before accepting them (std's default is 128;
 /// nginx uses 511): bursts of new sessions must not time out in the SYN queue.
