@@ -17,6 +17,7 @@ use super::{wait_readable, TcpStream};
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::task::{ready, Context, Poll};
 
 /// Empty pipes kept per thread for reuse (two fds each).
@@ -29,6 +30,13 @@ const POOL_CAP: usize = 64;
 /// user's `pipe-user-pages-soft`, refuses it: the pipe then keeps its default size. Pipe
 /// pages are only references to the socket buffers' pages while bytes pass through.
 const PIPE_SIZE: usize = 256 * 1024;
+const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
+
+/// Pipes open in the process, pooled or in use. Past this many a direction copies through
+/// user space instead: directions pushed back by slow readers each keep a pipe, and their fds
+/// must not starve the listener of sockets.
+const MAX_PIPES: usize = 1024;
+static OPEN_PIPES: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
@@ -48,10 +56,19 @@ impl Pipe {
             .try_with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()))
             .ok()
             .flatten();
-        match pooled {
-            Some(p) => Ok(p),
-            None => sys::pipe(),
+        if let Some(p) = pooled {
+            return Ok(p);
         }
+        if OPEN_PIPES.fetch_add(1, Relaxed) >= MAX_PIPES {
+            OPEN_PIPES.fetch_sub(1, Relaxed);
+            return Err(io::Error::other("too many pipes open"));
+        }
+        let (r, w) = sys::pipe().inspect_err(|_| {
+            OPEN_PIPES.fetch_sub(1, Relaxed);
+        })?;
+        // Counted from here on: Drop uncounts it.
+        let cap = sys::resize(&r);
+        Ok(Pipe { r, w, cap })
     }
 
     /// Pools an empty pipe, or closes it when the pool is full (or the thread is ending).
@@ -63,6 +80,12 @@ impl Pipe {
                 }
             }
         });
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        OPEN_PIPES.fetch_sub(1, Relaxed);
     }
 }
 
@@ -184,20 +207,22 @@ impl Drop for SpliceBuf {
 
 #[cfg(target_os = "linux")]
 mod sys {
-    use super::Pipe;
     use rustix::pipe::{self, PipeFlags, SpliceFlags};
     use std::io;
-    use std::os::fd::BorrowedFd;
+    use std::os::fd::{BorrowedFd, OwnedFd};
 
     pub const EINVAL: i32 = rustix::io::Errno::INVAL.raw_os_error();
 
-    pub fn pipe() -> io::Result<Pipe> {
-        let (r, w) = pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
-        let cap = match pipe::fcntl_setpipe_size(&r, super::PIPE_SIZE) {
-            Ok(n) => n,
-            Err(_) => pipe::fcntl_getpipe_size(&r)?,
-        };
-        Ok(Pipe { r, w, cap })
+    /// A non-blocking, close-on-exec pipe: (read end, write end).
+    pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+        Ok(pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?)
+    }
+
+    /// Asks for [`super::PIPE_SIZE`]; the capacity the pipe has.
+    pub fn resize(r: &OwnedFd) -> usize {
+        pipe::fcntl_setpipe_size(r, super::PIPE_SIZE)
+            .or_else(|_| pipe::fcntl_getpipe_size(r))
+            .unwrap_or(super::DEFAULT_PIPE_SIZE)
     }
 
     /// One non-blocking `splice` of up to `len` bytes (one end is a pipe).
@@ -209,17 +234,84 @@ mod sys {
 
 #[cfg(not(target_os = "linux"))]
 mod sys {
-    use super::Pipe;
     use std::io;
-    use std::os::fd::BorrowedFd;
+    use std::os::fd::{BorrowedFd, OwnedFd};
 
     pub const EINVAL: i32 = -1;
 
-    pub fn pipe() -> io::Result<Pipe> {
+    pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
         Err(io::ErrorKind::Unsupported.into())
+    }
+
+    pub fn resize(_: &OwnedFd) -> usize {
+        super::DEFAULT_PIPE_SIZE
     }
 
     pub fn splice(_: BorrowedFd<'_>, _: BorrowedFd<'_>, _: usize) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use crate::rt::{self, TcpListener};
+    use futures::future::poll_fn;
+    use futures::AsyncReadExt;
+    use std::io::Write;
+
+    /// 1 MiB spliced from one socket to another, whole and in order; the end of stream is
+    /// `Ok(0)`; the emptied pipe goes back to the pool.
+    #[test]
+    fn splices_a_stream_whole_then_pools_the_pipe() {
+        let data: Vec<u8> = (0..1usize << 20).map(|i| (i * 31 % 251) as u8).collect();
+        let got = rt::block_on(async {
+            let any = "127.0.0.1:0".parse().unwrap();
+            let l1 = TcpListener::bind(any).await.unwrap();
+            let mut peer_in = std::net::TcpStream::connect(l1.local_addr().unwrap()).unwrap();
+            let (mut src, _) = l1.accept().await.unwrap();
+            let l2 = TcpListener::bind(any).await.unwrap();
+            let dst = rt::TcpStream::connect(l2.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (mut peer_out, _) = l2.accept().await.unwrap();
+            let sent = data.clone();
+            let writer = std::thread::spawn(move || {
+                peer_in.write_all(&sent).unwrap();
+                peer_in.shutdown(std::net::Shutdown::Write).unwrap();
+            });
+            let reader = rt::spawn(async move {
+                let mut v = Vec::new();
+                peer_out.read_to_end(&mut v).await.unwrap();
+                v
+            });
+            let mut buf = SpliceBuf::new();
+            let mut total = 0;
+            loop {
+                let n = match poll_fn(|cx| buf.poll_fill(cx, &mut src)).await {
+                    Ok(n) => n,
+                    Err(e) => panic!("fill: {e:?}"),
+                };
+                if n == 0 {
+                    break;
+                }
+                poll_fn(|cx| buf.poll_drain(cx, &dst)).await.unwrap();
+                assert!(
+                    buf.is_empty() && buf.pipe.is_none(),
+                    "pipe held while empty"
+                );
+                total += n;
+            }
+            assert_eq!(total, data.len());
+            assert!(
+                POOL.with(|p| p.borrow().len()) >= 1,
+                "the empty pipe was pooled"
+            );
+            assert!(OPEN_PIPES.load(Relaxed) >= 1);
+            dst.shutdown(std::net::Shutdown::Write).unwrap();
+            writer.join().unwrap();
+            reader.await
+        });
+        assert!(got == data, "spliced bytes differ");
     }
 }
