@@ -7,6 +7,8 @@
 //! registered once, edge-triggered, in an epoll set of our own whose descriptor is a source
 //! in that same reactor ([`reactor`]), and a read waits for the next event only when the
 //! last one emptied the socket (see [`TcpStream`]'s `poll_read`).
+//! Plain TCP tunnels copy bulk bytes with `splice(2)` through [`SpliceBuf`] (in
+//! `rt/splice.rs`), under the same readiness discipline.
 
 use futures::io::{AsyncRead, AsyncWrite};
 use std::future::Future;
@@ -23,6 +25,9 @@ use async_io::Async;
 mod reactor;
 
 pub use async_std::task::JoinHandle;
+
+mod splice;
+pub use splice::{SpliceBuf, SpliceError};
 
 /// Connections a listener lets the kernel queue before accepting them (std's default is 128;
 /// nginx uses 511): bursts of new sessions must not time out in the SYN queue.

@@ -78,20 +78,22 @@ macro_rules! splittable {
             pub fn split(self) -> Halves {
                 match self {
                     $t::Plain(s) => (
-                        Box::new(s.clone()),
+                        ReadHalf::Plain(s.clone()),
                         WriteHalf {
                             tcp: s.clone(),
                             w: Box::new(s),
+                            plain: true,
                         },
                     ),
                     $t::Tls(s) => {
                         let tcp = s.get_ref().0.clone();
                         let (r, w) = futures::AsyncReadExt::split(*s);
                         (
-                            Box::new(r),
+                            ReadHalf::Tls(Box::new(r)),
                             WriteHalf {
                                 w: Box::new(w),
                                 tcp,
+                                plain: false,
                             },
                         )
                     }
@@ -195,16 +197,53 @@ pub async fn dial(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
+/// The read half of a split connection: the socket itself for plain TCP (so the tunnel can
+/// splice from it), futures' `split` half for TLS.
+pub enum ReadHalf {
+    Plain(TcpStream),
+    Tls(Box<dyn AsyncRead + Unpin + Send>),
+}
+
+impl ReadHalf {
+    /// The socket, when the bytes read are the socket's own (no TLS).
+    pub fn plain(&mut self) -> Option<&mut TcpStream> {
+        match self {
+            ReadHalf::Plain(s) => Some(s),
+            ReadHalf::Tls(_) => None,
+        }
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Tls(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
 /// The write half of a split connection. Closing it half-closes the TCP connection (a FIN
 /// to the peer), after TLS's close_notify: async-io's `close` on a socket only flushes.
 pub struct WriteHalf {
     w: Box<dyn AsyncWrite + Unpin + Send>,
     tcp: TcpStream,
+    /// No TLS: bytes written to `w` go to `tcp` as they are.
+    plain: bool,
 }
 
 impl WriteHalf {
     pub async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         futures::AsyncWriteExt::write_all(&mut self.w, buf).await
+    }
+
+    /// The socket, when bytes may be written to it directly (no TLS).
+    pub fn plain(&self) -> Option<&TcpStream> {
+        self.plain.then_some(&self.tcp)
     }
 
     /// Flushes, ends TLS if any, and sends FIN: the peer reads end-of-stream.
@@ -216,4 +255,4 @@ impl WriteHalf {
 
 /// A read half and a write half of a connection, for the tunnel's two copy loops. Plain TCP
 /// splits without a lock (the socket is shared); TLS through futures' `split`.
-pub type Halves = (Box<dyn AsyncRead + Unpin + Send>, WriteHalf);
+pub type Halves = (ReadHalf, WriteHalf);

@@ -3,19 +3,32 @@
 //! Bytes are counted; frames are not parsed, so there are no message limits, keepalive or
 //! failover in this mode.
 //!
+//! Between two plain TCP sockets, bulk bytes move with `splice(2)` (socket → pipe → socket,
+//! never through user space), adaptively as HAProxy's `splice-auto`: a direction starts on
+//! read/write and switches to splice when a read fills the largest buffer; after
+//! [`SMALL_RUN`] splices in a row that moved less than [`SMALL_SPLICE`] it goes back
+//! (chat-sized traffic gains nothing from the pipe's extra syscalls). TLS on either end keeps
+//! the user-space copy.
+//!
 //! The upstream handshake is `handshake::raw_upgrade`, which keeps whatever the backend sends
 //! right after its 101 (relayed first, as `pending_b2c`).
 
 use crate::relay::{Control, Side};
 use crate::rt;
-use crate::transport::{Halves, WriteHalf};
+use crate::transport::{Halves, ReadHalf, WriteHalf};
 use futures::channel::mpsc;
+use futures::future::poll_fn;
 use futures::stream::FuturesUnordered;
 use futures::{AsyncReadExt, StreamExt};
 
 /// The copy buffer's largest size, and its first.
 const BUF: usize = 16 * 1024;
 const FIRST_BUF: usize = 1024;
+
+/// A splice that moves less than this is small; [`SMALL_RUN`] small ones in a row send the
+/// direction back to read/write.
+const SMALL_SPLICE: usize = 4 * 1024;
+const SMALL_RUN: u32 = 3;
 
 /// Bytes copied each way.
 #[derive(Debug, Default, Clone, Copy)]
@@ -90,7 +103,7 @@ pub async fn copy_both(
 
 /// Copies `from` → `to` until `from` ends, then half-closes `to`.
 async fn copy_one(
-    mut from: Box<dyn futures::AsyncRead + Unpin + Send>,
+    mut from: ReadHalf,
     mut to: WriteHalf,
     pending: &[u8],
     total: &mut u64,
@@ -101,7 +114,7 @@ async fn copy_one(
 }
 
 async fn copy(
-    from: &mut Box<dyn futures::AsyncRead + Unpin + Send>,
+    from: &mut ReadHalf,
     to: &mut WriteHalf,
     pending: &[u8],
     total: &mut u64,
@@ -110,10 +123,33 @@ async fn copy(
         to.write_all(pending).await.map_err(|e| e.to_string())?;
         *total += pending.len() as u64;
     }
+    let can_splice = from.plain().is_some() && to.plain().is_some();
+    // Holds a pipe only while bytes are in it (see rt::SpliceBuf).
+    let mut kernel_buf = rt::SpliceBuf::new();
+    let (mut splicing, mut small_run) = (false, 0u32);
     // Small at first, doubled (up to BUF) whenever a read fills it: an idle or chatty session
     // holds a small buffer, a bulk one reaches BUF after a few reads.
     let mut buf = vec![0u8; FIRST_BUF];
     loop {
+        if splicing {
+            let step = match (from.plain(), to.plain()) {
+                (Some(src), Some(dst)) => splice_once(&mut kernel_buf, src, dst).await?,
+                _ => Splice::Unavailable,
+            };
+            match step {
+                Splice::Moved(n) => {
+                    *total += n as u64;
+                    small_run = if n < SMALL_SPLICE { small_run + 1 } else { 0 };
+                    splicing = small_run < SMALL_RUN;
+                }
+                Splice::End => {
+                    to.shutdown().await;
+                    return Ok(());
+                }
+                Splice::Unavailable => splicing = false,
+            }
+            continue;
+        }
         let n = from.read(&mut buf).await.map_err(|e| e.to_string())?;
         if n == 0 {
             // Pass the end on: the other side reads end-of-stream (a FIN), as it would direct.
@@ -122,8 +158,43 @@ async fn copy(
         }
         to.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
         *total += n as u64;
-        if n == buf.len() && buf.len() < BUF {
-            buf.resize(buf.len() * 2, 0);
+        if n == buf.len() {
+            if buf.len() < BUF {
+                buf.resize(buf.len() * 2, 0);
+            } else if can_splice {
+                (splicing, small_run) = (true, 0);
+            }
         }
     }
+}
+
+/// What one splice round did.
+enum Splice {
+    /// `n` bytes moved from source to destination.
+    Moved(usize),
+    /// The source ended (nothing left in the pipe).
+    End,
+    /// No pipe to be had, or the socket cannot splice: nothing moved; use read/write.
+    Unavailable,
+}
+
+/// Splices what `src` holds (up to a pipe's capacity) into the pipe, then all of it to `dst`.
+async fn splice_once(
+    kernel_buf: &mut rt::SpliceBuf,
+    src: &mut rt::TcpStream,
+    dst: &rt::TcpStream,
+) -> Result<Splice, String> {
+    let n = match poll_fn(|cx| kernel_buf.poll_fill(cx, src)).await {
+        Ok(0) => return Ok(Splice::End),
+        Ok(n) => n,
+        Err(rt::SpliceError::Unavailable(e)) => {
+            log::debug!("tunnel: splice unavailable ({e}), copying through user space");
+            return Ok(Splice::Unavailable);
+        }
+        Err(rt::SpliceError::Io(e)) => return Err(e.to_string()),
+    };
+    poll_fn(|cx| kernel_buf.poll_drain(cx, dst))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Splice::Moved(n))
 }
