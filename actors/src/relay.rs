@@ -723,28 +723,41 @@ fn dir_outcome(src: Side, ev: DirEvent) -> Outcome {
     }
 }
 
-/// The waker of one direction: it remembers that this direction's sockets became ready, then
-/// wakes the session task. A wakeup then polls only the directions that are ready, so no
-/// read is attempted on a socket that has nothing (bench/profile.sh: polling both
-/// directions on every wakeup made most reads return EAGAIN).
-struct DirWake {
+/// The waker of one of the relay loop's event sources (a direction's sockets, the control
+/// channel, the tick timer): it remembers that its source became ready, then wakes the
+/// session task, whose waker all of them share. A wakeup then polls only the sources that
+/// are ready: no read is attempted on a socket that has nothing (bench/profile.sh: polling
+/// both directions on every wakeup made most reads return EAGAIN), and the channel and the
+/// timer are not polled for every message.
+struct Flag {
     ready: AtomicBool,
-    task: AtomicWaker,
+    task: Arc<AtomicWaker>,
 }
 
-impl ArcWake for DirWake {
+impl ArcWake for Flag {
     fn wake_by_ref(arc_self: &Arc<Self>) {
         arc_self.ready.store(true, Ordering::Release);
         arc_self.task.wake();
     }
 }
 
-impl DirWake {
-    fn new() -> Arc<DirWake> {
-        Arc::new(DirWake {
+impl Flag {
+    /// A flag that starts raised (its source is polled once, to register), and its waker.
+    fn new(task: &Arc<AtomicWaker>) -> (Arc<Flag>, std::task::Waker) {
+        let f = Arc::new(Flag {
             ready: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        })
+            task: Arc::clone(task),
+        });
+        let w = waker(Arc::clone(&f));
+        (f, w)
+    }
+
+    fn take(&self) -> bool {
+        self.ready.swap(false, Ordering::AcqRel)
+    }
+
+    fn raise(&self) {
+        self.ready.store(true, Ordering::Release);
     }
 }
 
@@ -788,31 +801,39 @@ where
     let mut next_ping = start + timing.ping_interval;
     let mut pinged = false;
 
-    let (c2b_wake, b2c_wake) = (DirWake::new(), DirWake::new());
-    let (c2b_waker, b2c_waker) = (waker(Arc::clone(&c2b_wake)), waker(Arc::clone(&b2c_wake)));
+    let task = Arc::new(AtomicWaker::new());
+    let (c2b_flag, c2b_waker) = Flag::new(&task);
+    let (b2c_flag, b2c_waker) = Flag::new(&task);
+    let (ctl_flag, ctl_waker) = Flag::new(&task);
+    let (tick_flag, tick_waker) = Flag::new(&task);
     poll_fn(|cx| loop {
-        c2b_wake.task.register(cx.waker());
-        b2c_wake.task.register(cx.waker());
-        match control.poll_next_unpin(cx) {
-            Poll::Ready(Some(c)) => return Poll::Ready(Outcome::Control(c)),
-            Poll::Ready(None) => return Poll::Ready(Outcome::ControlLost),
-            Poll::Pending => {}
+        task.register(cx.waker());
+        if ctl_flag.take() {
+            match control.poll_next_unpin(&mut Context::from_waker(&ctl_waker)) {
+                Poll::Ready(Some(c)) => return Poll::Ready(Outcome::Control(c)),
+                Poll::Ready(None) => return Poll::Ready(Outcome::ControlLost),
+                Poll::Pending => {}
+            }
         }
         // Backend to client first: when a backend's FIN and client data arrive in the same
         // wakeup, the loss is seen before more client messages are written to a dead socket.
-        if b2c_wake.ready.swap(false, Ordering::AcqRel) {
+        if b2c_flag.take() {
             let mut dcx = Context::from_waker(&b2c_waker);
             if let Poll::Ready(ev) = poll_dir(&mut dcx, backend, client, b2c) {
                 return Poll::Ready(dir_outcome(Side::Backend, ev));
             }
         }
-        if c2b_wake.ready.swap(false, Ordering::AcqRel) {
+        if c2b_flag.take() {
             let mut dcx = Context::from_waker(&c2b_waker);
             if let Poll::Ready(ev) = poll_dir(&mut dcx, client, backend, c2b) {
                 return Poll::Ready(dir_outcome(Side::Client, ev));
             }
         }
-        if Pin::new(&mut timer).poll(cx).is_pending() {
+        if !tick_flag.take()
+            || Pin::new(&mut timer)
+                .poll(&mut Context::from_waker(&tick_waker))
+                .is_pending()
+        {
             return Poll::Pending;
         }
         // Tick: idle and keepalive bookkeeping, then re-arm and poll again to register.
@@ -851,11 +872,12 @@ where
             // To the backend: queued on the client→backend direction, and vice versa.
             c2b.core.ping_due = true;
             b2c.core.ping_due = true;
-            c2b_wake.ready.store(true, Ordering::Release);
-            b2c_wake.ready.store(true, Ordering::Release);
+            c2b_flag.raise();
+            b2c_flag.raise();
             next_ping = now + timing.ping_interval;
         }
         timer.set_after(tick);
+        tick_flag.raise(); // poll the re-armed timer once, to register it
     })
     .await
 }
