@@ -53,7 +53,7 @@ pub struct RequestHead {
     pub target: String,
     /// HTTP minor version (1 for HTTP/1.1).
     pub minor_version: u8,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Headers,
 }
 
 impl RequestHead {
@@ -128,11 +128,54 @@ fn parse_error(e: httparse::Error) -> HeadError {
     }
 }
 
-fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, Vec<u8>)> {
-    headers
-        .iter()
-        .map(|h| (h.name.to_string(), h.value.to_vec()))
-        .collect()
+/// A head's header fields in one buffer: two allocations per head, not two per field.
+#[derive(Debug, Clone, Default)]
+pub struct Headers {
+    bytes: Vec<u8>,
+    /// Per field: where its name starts, where its value starts (= where the name ends), and
+    /// where the value ends, in `bytes`.
+    fields: Vec<(usize, usize, usize)>,
+}
+
+impl Headers {
+    fn from_parsed(parsed: &[httparse::Header<'_>]) -> Headers {
+        let size = parsed.iter().map(|h| h.name.len() + h.value.len()).sum();
+        let mut h = Headers {
+            bytes: Vec::with_capacity(size),
+            fields: Vec::with_capacity(parsed.len()),
+        };
+        for f in parsed {
+            h.push(f.name, f.value);
+        }
+        h
+    }
+
+    fn push(&mut self, name: &str, value: &[u8]) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(name.as_bytes());
+        let mid = self.bytes.len();
+        self.bytes.extend_from_slice(value);
+        self.fields.push((start, mid, self.bytes.len()));
+    }
+
+    /// Every field as (name, value), in the order sent.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
+        self.fields.iter().map(|&(a, b, c)| {
+            // Names were `&str` when pushed, so this never falls back.
+            let name = std::str::from_utf8(&self.bytes[a..b]).unwrap_or_default();
+            (name, &self.bytes[b..c])
+        })
+    }
+}
+
+impl<N: AsRef<str>, V: AsRef<[u8]>> FromIterator<(N, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(fields: I) -> Headers {
+        let mut h = Headers::default();
+        for (n, v) in fields {
+            h.push(n.as_ref(), v.as_ref());
+        }
+        h
+    }
 }
 
 /// Reads a request head into `buf`; returns the head and how many bytes of `buf` it used
@@ -151,7 +194,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(
                     method: req.method.unwrap_or_default().to_string(),
                     target: req.path.unwrap_or_default().to_string(),
                     minor_version: req.version.unwrap_or(0),
-                    headers: owned_headers(req.headers),
+                    headers: Headers::from_parsed(req.headers),
                 },
                 len,
             ))),
@@ -175,7 +218,7 @@ pub async fn read_response_head<S: AsyncRead + Unpin>(
                 ResponseHead {
                     status: resp.code.unwrap_or(0),
                     reason: resp.reason.unwrap_or_default().to_string(),
-                    headers: owned_headers(resp.headers),
+                    headers: Headers::from_parsed(resp.headers),
                 },
                 len,
             ))),
@@ -189,7 +232,7 @@ pub async fn read_response_head<S: AsyncRead + Unpin>(
 pub struct ResponseHead {
     pub status: u16,
     pub reason: String,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Headers,
 }
 
 impl ResponseHead {
@@ -205,7 +248,7 @@ impl ResponseHead {
 }
 
 /// The first value of header `name` in a parsed head, trimmed, if it is valid UTF-8.
-fn header_in<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
+fn header_in<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
     headers
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -214,7 +257,7 @@ fn header_in<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str
 }
 
 /// Whether any occurrence of the comma-separated header `name` lists `token`.
-fn has_token(headers: &[(String, Vec<u8>)], name: &str, token: &str) -> bool {
+fn has_token(headers: &Headers, name: &str, token: &str) -> bool {
     headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -313,7 +356,7 @@ pub fn upstream_request(
         "x-real-ip",
     ];
     let mut xff: Option<String> = None;
-    for (name, value) in &head.headers {
+    for (name, value) in head.headers.iter() {
         let lname = name.to_ascii_lowercase();
         let pass_ext = pass_extensions && lname == "sec-websocket-extensions";
         let protocol = lname == "sec-websocket-protocol";
@@ -434,7 +477,7 @@ pub fn switching_protocols(
         derive_accept_key(client_key.as_bytes())
     )
     .into_bytes();
-    for (name, value) in &backend.headers {
+    for (name, value) in backend.headers.iter() {
         let n = name.to_ascii_lowercase();
         let pass_ext = pass_extensions && n == "sec-websocket-extensions";
         if (is_reserved_upstream_header(&n) && n != "sec-websocket-protocol" && !pass_ext)
@@ -507,7 +550,7 @@ pub fn refusal(status: u16) -> Vec<u8> {
 /// headers and the body bytes that came with it.
 pub fn passthrough_response(resp: &ResponseHead, body: &[u8]) -> Vec<u8> {
     let mut headers: Vec<(&str, &str)> = Vec::new();
-    for (name, value) in &resp.headers {
+    for (name, value) in resp.headers.iter() {
         let n = name.to_ascii_lowercase();
         if is_reserved_upstream_header(&n) || n == "date" {
             continue;
@@ -607,7 +650,7 @@ mod tests {
             req.headers
                 .iter()
                 .filter(|(k, _)| k.eq_ignore_ascii_case(n))
-                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+                .map(|(_, v)| String::from_utf8(v.to_vec()).unwrap())
                 .collect::<Vec<_>>()
         };
         assert_eq!(

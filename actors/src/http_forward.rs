@@ -59,7 +59,7 @@ pub fn request_head(
         "x-real-ip",
     ];
     let mut xff = None;
-    for (name, value) in &head.headers {
+    for (name, value) in head.headers.iter() {
         let lname = name.to_ascii_lowercase();
         if is_hop_by_hop(&lname) || head.header_has_token("connection", &lname) {
             continue;

@@ -868,6 +868,9 @@ impl Run {
             &self.state.counters(),
         );
         let Some((code, by)) = self.close else { return };
+        if !log::log_enabled!(log::Level::Info) {
+            return; // the line's strings are built only for a log that shows them
+        }
         let mut c = self.state.counters();
         c.c2b_bytes += self.tunnel_counts.c2b_bytes;
         c.b2c_bytes += self.tunnel_counts.b2c_bytes;
