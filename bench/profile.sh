@@ -3,6 +3,8 @@
 # measured as differences between a short and a long run so setup costs cancel out.
 #
 #   bench/profile.sh syscalls  [targets]   syscalls per echoed message (perf tracepoint counts)
+#   bench/profile.sh cpu [targets]         user and kernel CPU µs per echoed message (/proc), and
+#                                          the top symbols of a perf cpu-clock profile
 #   bench/profile.sh callgrind [targets]   user-space instructions per message + top functions
 #   bench/profile.sh massif [targets]      heap per idle session (1,000 sessions), wsgate
 #   bench/profile.sh callgrind-handshake [targets]   instructions per session (connect, upgrade,
@@ -24,6 +26,7 @@ CONNS=50
 SHORT=${SHORT:-100}   # messages per connection, short run
 LONG=${LONG:-500}     # messages per connection, long run
 [ "$MODE" = callgrind ] && SHORT=${SHORT_CG:-40} LONG=${LONG_CG:-200}
+[ "$MODE" = cpu ] && SHORT=${SHORT_CPU:-100} LONG=${LONG_CPU:-2000}
 [ "$MODE" = massif ] && [ $# -eq 0 ] && TARGETS="wsgate-message wsgate-tunnel"
 [ "$MODE" = callgrind-handshake ] && [ $# -eq 0 ] && TARGETS="wsgate-message wsgate-tunnel nginx haproxy"
 
@@ -233,6 +236,33 @@ case "$MODE" in
             peak=$(awk 'NR > 1 && $1 ~ /^[0-9]+$/ && NF >= 5 { gsub(",", "", $4); if ($4 + 0 > m) m = $4 + 0 } END { print m }' "$OUT/$t-massif.txt")
             echo "$t: peak useful heap $peak B = $((peak / 1000)) B per session (1,000 sessions); tree: $OUT/$t-massif.txt" | tee -a "$OUT/summary.txt"
         done ;;
-    *) echo "usage: bench/profile.sh syscalls|callgrind|callgrind-handshake|massif [targets]" >&2; exit 2 ;;
+    cpu)
+        # User and kernel CPU of the proxy per echo (utime/stime of all its threads from
+        # /proc, between a short and a long load), then where the kernel time goes (perf
+        # cpu-clock samples of one more long load, kernel symbols).
+        printf '%-16s %12s %12s %12s\n' target user_us sys_us total_us | tee "$OUT/cpu.txt"
+        ticks() { awk '{u += $14; s += $15} END {print u, s}' /proc/"$1"/task/*/stat; }
+        hz=$(getconf CLK_TCK)
+        for t in $TARGETS; do
+            start "$t"
+            load "$SHORT"
+            read -r u0 s0 < <(ticks "$TPID")
+            load "$LONG"
+            read -r u1 s1 < <(ticks "$TPID")
+            msgs=$(( LONG * CONNS ))
+            awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v m="$msgs" -v hz="$hz" -v t="$t" \
+                'BEGIN { printf "%-16s %12.2f %12.2f %12.2f\n", t, u * 1e6 / hz / m, s * 1e6 / hz / m, (u + s) * 1e6 / hz / m }' |
+                tee -a "$OUT/cpu.txt"
+            perf record -q -e cpu-clock -F 1999 -g -p "$TPID" -o "$OUT/$t.perf" &
+            local_perf=$!
+            PIDS+=("$local_perf")
+            sleep 0.3
+            load "$LONG"
+            stop_wait "$local_perf" 10 INT
+            perf report -i "$OUT/$t.perf" --no-children --sort dso,sym --stdio 2>/dev/null |
+                grep -E '^ +[0-9.]+%' | head -25 >"$OUT/$t-kernel.txt" || true
+            stop_wait "$STOPPID" 5
+        done ;;
+    *) echo "usage: bench/profile.sh syscalls|cpu|callgrind|callgrind-handshake|massif [targets]" >&2; exit 2 ;;
 esac
 echo "output: $OUT" >&2
