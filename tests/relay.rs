@@ -17,6 +17,28 @@ async fn gateway_with(b: &Backend, extra: Value) -> Gateway {
     Gateway::start(cfg).await
 }
 
+/// A raw client session: upgraded through the gateway, frames read and written by hand.
+async fn raw_session(gw: &Gateway) -> RawConn {
+    let mut c = RawConn::open(gw.addr()).await;
+    c.write(upgrade_head("/", "localhost", &[]).as_bytes())
+        .await;
+    assert_eq!(c.read_head().await.status, 101);
+    c
+}
+
+/// The next frame from the gateway that `want` accepts (others are skipped), bounded.
+async fn next_frame(c: &mut RawConn, what: &str, want: impl Fn(&RawFrame) -> bool) -> RawFrame {
+    within(what, WAIT, async {
+        loop {
+            let f = c.read_frame().await;
+            if want(&f) {
+                return f;
+            }
+        }
+    })
+    .await
+}
+
 /// Text and binary messages go through unchanged both ways, in order.
 #[async_std::test]
 async fn text_and_binary_relayed_both_ways() {
@@ -81,20 +103,9 @@ async fn close_from_backend_passes_code_and_reason() {
 async fn backend_close_code_1014_reaches_the_client_unchanged() {
     let b = Backend::echo("b1").await;
     let gw = gateway_with(&b, json!({})).await;
-    let mut c = RawConn::open(gw.addr()).await;
-    c.write(upgrade_head("/", "localhost", &[]).as_bytes())
-        .await;
-    assert_eq!(c.read_head().await.status, 101);
+    let mut c = raw_session(&gw).await;
     c.write_frame(true, 1, b"close:1014:upstream gone").await;
-    let f = within("a close frame", WAIT, async {
-        loop {
-            let f = c.read_frame().await;
-            if f.opcode == 8 {
-                return f;
-            }
-        }
-    })
-    .await;
+    let f = next_frame(&mut c, "a close frame", |f| f.opcode == 8).await;
     assert_eq!(&f.payload[..2], &1014u16.to_be_bytes());
     assert_eq!(&f.payload[2..], b"upstream gone");
 }
@@ -105,21 +116,10 @@ async fn backend_close_code_1014_reaches_the_client_unchanged() {
 async fn unmasked_client_frame_gets_1002() {
     let b = Backend::echo("b1").await;
     let gw = gateway_with(&b, json!({})).await;
-    let mut c = RawConn::open(gw.addr()).await;
-    c.write(upgrade_head("/", "localhost", &[]).as_bytes())
-        .await;
-    assert_eq!(c.read_head().await.status, 101);
+    let mut c = raw_session(&gw).await;
     c.write_frame(true, 1, b"fine").await;
     c.write(&[0x81, 0x03, b'b', b'a', b'd']).await;
-    let f = within("a close frame", WAIT, async {
-        loop {
-            let f = c.read_frame().await;
-            if f.opcode == 8 {
-                return f;
-            }
-        }
-    })
-    .await;
+    let f = next_frame(&mut c, "a close frame", |f| f.opcode == 8).await;
     assert_eq!(&f.payload[..2], &1002u16.to_be_bytes());
     let closed = b.wait_close(0).await.expect("close with a code");
     assert_eq!(code_of(&closed), 1001);
@@ -200,20 +200,9 @@ async fn fragmented_client_message_forwarded_whole() {
 async fn fragmented_backend_message_forwarded_whole() {
     let b = Backend::echo("b1").await;
     let gw = gateway_with(&b, json!({})).await;
-    let mut c = RawConn::open(gw.addr()).await;
-    c.write(upgrade_head("/", "localhost", &[]).as_bytes())
-        .await;
-    assert_eq!(c.read_head().await.status, 101);
+    let mut c = raw_session(&gw).await;
     c.write_frame(true, 1, b"frag").await;
-    let f = within("a data frame", WAIT, async {
-        loop {
-            let f = c.read_frame().await;
-            if f.opcode < 8 {
-                return f;
-            }
-        }
-    })
-    .await;
+    let f = next_frame(&mut c, "a data frame", |f| f.opcode < 8).await;
     assert_eq!(
         f,
         RawFrame {

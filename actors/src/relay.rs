@@ -1043,26 +1043,21 @@ mod tests {
         }
     }
 
-    /// A client's frame: masked, with a fixed key.
+    /// A client's frame: masked, with a fixed key (tungstenite's encoder).
     fn client_frame(op: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x11, 0x22, 0x33, 0x44];
-        let mut f = vec![op | if fin { 0x80 } else { 0 }];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n < 65536 => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&mask);
-        let at = f.len();
-        f.extend_from_slice(payload);
-        wire::unmask(&mut f[at..], mask);
-        f
+        use async_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        use async_tungstenite::tungstenite::protocol::frame::Frame;
+        let mut f = match op {
+            0x9 => Frame::ping(payload.to_vec()),
+            0x0 => Frame::message(payload.to_vec(), OpCode::Data(Data::Continue), fin),
+            0x1 => Frame::message(payload.to_vec(), OpCode::Data(Data::Text), fin),
+            0x2 => Frame::message(payload.to_vec(), OpCode::Data(Data::Binary), fin),
+            other => panic!("no test frames with opcode {other}"),
+        };
+        f.header_mut().mask = Some([0x11, 0x22, 0x33, 0x44]);
+        let mut out = Vec::new();
+        f.format(&mut out).unwrap();
+        out
     }
 
     /// The messages and pings in a stream of frames a backend receives.
