@@ -219,3 +219,90 @@ fn take_events(r: &Reactor, woken: &mut Vec<(Arc<Source>, epoll::EventFlags)>) -
     }
     events.len()
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::rt::{self, TcpListener, TcpStream};
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    use std::io::Write;
+    use std::time::Duration;
+
+    async fn pair() -> (TcpStream, std::net::TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (s, peer)
+    }
+
+    /// The edge-triggered trap: data and the peer's FIN arrive before the first read, so
+    /// they bring one event between them. The read that takes the data comes back short; the
+    /// next must see the end of stream at once instead of waiting for an event that never
+    /// comes.
+    #[test]
+    fn end_of_stream_that_came_with_the_last_data_is_not_missed() {
+        rt::block_on(async {
+            let (mut s, mut peer) = pair().await;
+            peer.write_all(b"last words").unwrap();
+            peer.shutdown(std::net::Shutdown::Write).unwrap();
+            drop(peer);
+            rt::sleep(Duration::from_millis(50)).await; // both have arrived
+            let mut buf = [0u8; 64];
+            let n = rt::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+            assert_eq!(n.ok().and_then(Result::ok), Some(10));
+            let eof = rt::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+            assert_eq!(
+                eof.ok().and_then(Result::ok),
+                Some(0),
+                "end of stream missed"
+            );
+        });
+    }
+
+    /// 200 connections at once, 20 round trips each, through one set: every byte back, in
+    /// order (batches of events from many sockets; slots reused as connections close).
+    #[test]
+    fn many_connections_round_trip_through_one_set() {
+        rt::block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
+            let addr = l.local_addr().unwrap();
+            let server = rt::spawn(async move {
+                for _ in 0..200 {
+                    let (mut s, _) = l.accept().await.unwrap();
+                    rt::spawn(async move {
+                        let mut buf = [0u8; 256];
+                        loop {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => s.write_all(&buf[..n]).await.unwrap(),
+                            }
+                        }
+                    });
+                }
+            });
+            let clients: Vec<_> = (0..200u32)
+                .map(|i| {
+                    rt::spawn(async move {
+                        let mut c = TcpStream::connect(addr).await.unwrap();
+                        for k in 0..20u32 {
+                            let msg = format!("{i}:{k};");
+                            c.write_all(msg.as_bytes()).await.unwrap();
+                            let mut back = vec![0u8; msg.len()];
+                            c.read_exact(&mut back).await.unwrap();
+                            assert_eq!(back, msg.as_bytes());
+                        }
+                    })
+                })
+                .collect();
+            let all = futures::future::join_all(clients);
+            assert!(
+                rt::timeout(Duration::from_secs(30), all).await.is_ok(),
+                "round trips stalled"
+            );
+            server.await;
+        });
+    }
+}
