@@ -89,6 +89,7 @@ impl TcpListener {
 
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let (s, peer) = self.0.read_with(|l| l.accept()).await?;
+        s.set_nonblocking(true)?;
         Ok((
             TcpStream(reactor::Source::new(s)?, Drained::default()),
             peer,
@@ -114,8 +115,7 @@ impl TcpStream {
     /// Connects without blocking: a non-blocking `connect`, then the first writable event.
     pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
         use socket2::{Domain, Socket, Type};
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-        socket.set_nonblocking(true)?;
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
         match socket.connect(&addr.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => {}
@@ -126,7 +126,6 @@ impl TcpStream {
         if let Some(e) = src.io.take_error()? {
             return Err(e);
         }
-        src.io.peer_addr()?;
         Ok(TcpStream(src, Drained::default()))
     }
 

@@ -79,9 +79,8 @@ pub struct Source {
 }
 
 impl Source {
-    /// Registers `io` (made non-blocking) for edge-triggered read and write events.
+    /// Registers `io`, which must be non-blocking, for edge-triggered read and write events.
     pub fn new(io: net::TcpStream) -> io::Result<Arc<Source>> {
-        io.set_nonblocking(true)?;
         let r = reactor()?;
         let src = {
             let mut slots = r.slots();
