@@ -1081,6 +1081,16 @@ mod tests {
         out
     }
 
+    /// Polls one direction (with a no-op waker: the mocks never need a real wakeup) until it
+    /// ends, at most `polls` times.
+    fn drive(src: &mut Chunks, dst: &mut Trickle, dir: &mut Dir, polls: usize) -> Option<DirEvent> {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        (0..polls).find_map(|_| match poll_dir(&mut cx, src, dst, dir) {
+            Poll::Ready(ev) => Some(ev),
+            Poll::Pending => None,
+        })
+    }
+
     /// One message: kind (text, binary, or a client ping), payload, and how many fragments.
     fn message() -> impl Strategy<Value = (u8, Vec<u8>, usize)> {
         (
@@ -1141,14 +1151,7 @@ mod tests {
             let mut dst = Trickle { out: Vec::new(), step, calls: 0 };
             let limits = Limits { max_message: 1 << 20, max_frame: 1 << 20 };
             let mut dir = Dir::new(Side::Client, limits);
-            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-            let mut end = None;
-            for _ in 0..100_000 {
-                if let Poll::Ready(ev) = poll_dir(&mut cx, &mut src, &mut dst, &mut dir) {
-                    end = Some(ev);
-                    break;
-                }
-            }
+            let end = drive(&mut src, &mut dst, &mut dir, 100_000);
             prop_assert!(matches!(end, Some(DirEvent::Eof)), "ended with {end:?}");
             let got = decode(&dst.out);
             // Reassembled messages go out when complete, so a ping sent between fragments
@@ -1182,14 +1185,7 @@ mod tests {
             max_frame: 8 << 20,
         };
         let mut dir = Dir::new(Side::Client, limits);
-        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        let mut end = None;
-        for _ in 0..10 {
-            if let Poll::Ready(ev) = poll_dir(&mut cx, &mut src, &mut dst, &mut dir) {
-                end = Some(ev);
-                break;
-            }
-        }
+        let end = drive(&mut src, &mut dst, &mut dir, 10);
         assert!(matches!(end, Some(DirEvent::Violation(1009, _))), "{end:?}");
         assert!(
             dir.inbox.buf.len() < 1 << 20,
@@ -1217,14 +1213,7 @@ mod tests {
             max_frame: 1 << 20,
         };
         let mut dir = Dir::new(Side::Client, limits);
-        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        let mut end = None;
-        for _ in 0..1000 {
-            if let Poll::Ready(ev) = poll_dir(&mut cx, &mut src, &mut dst, &mut dir) {
-                end = Some(ev);
-                break;
-            }
-        }
+        let end = drive(&mut src, &mut dst, &mut dir, 1000);
         assert!(matches!(end, Some(DirEvent::Eof)), "{end:?}");
         assert_eq!(decode(&dst.out).len(), 2);
         // (A small buffer may stay until the idle tick, for a write that pushed back.)
