@@ -122,7 +122,8 @@ struct Run {
     pool: Option<String>,
     /// The backends the session was relayed through, in order (more than one after failover).
     backends_used: Vec<SocketAddr>,
-    /// The client's request, kept to redo the upstream handshake on failover.
+    /// The client's request, kept to redo the upstream handshake on failover (pools with
+    /// `on_backend_loss: reconnect` only).
     head: Option<RequestHead>,
     /// The subprotocol the first backend chose; a failover backend must choose the same.
     subprotocol: Option<String>,
@@ -343,7 +344,10 @@ impl Run {
         }
         #[cfg(feature = "fault-injection")]
         self.inject(fault.as_deref(), &route.pool);
-        self.head = Some(head);
+        // Kept only to redo the upstream handshake on failover (an idle session's memory).
+        if self.loss_policy() == OnBackendLoss::Reconnect {
+            self.head = Some(head);
+        }
         true
     }
 
