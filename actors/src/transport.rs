@@ -28,7 +28,8 @@ pub enum BackendStream {
     Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
 }
 
-macro_rules! delegate_io {
+/// `AsyncRead` for a `Plain`/`Tls` enum, by delegation.
+macro_rules! delegate_read {
     ($t:ident) => {
         impl AsyncRead for $t {
             fn poll_read(
@@ -42,6 +43,13 @@ macro_rules! delegate_io {
                 }
             }
         }
+    };
+}
+
+/// `AsyncRead` and `AsyncWrite` for a `Plain`/`Tls` enum, by delegation.
+macro_rules! delegate_io {
+    ($t:ident) => {
+        delegate_read!($t);
         impl AsyncWrite for $t {
             fn poll_write(
                 self: Pin<&mut Self>,
@@ -214,18 +222,7 @@ impl ReadHalf {
     }
 }
 
-impl AsyncRead for ReadHalf {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ReadHalf::Tls(r) => Pin::new(r).poll_read(cx, buf),
-        }
-    }
-}
+delegate_read!(ReadHalf);
 
 /// The write half of a split connection. Closing it half-closes the TCP connection (a FIN
 /// to the peer), after TLS's close_notify: async-io's `close` on a socket only flushes.
