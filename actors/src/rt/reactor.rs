@@ -66,7 +66,10 @@ impl Readiness {
     }
 }
 
-/// A registered connection. Dropping it removes it from the set before the socket closes.
+/// A registered connection. Its socket leaves the set when it closes (the kernel drops a
+/// descriptor's registrations with its last close, as nginx relies on: no `EPOLL_CTL_DEL`);
+/// dropping it frees its slot, and the slot's generation, in every event's data, keeps an
+/// event that was already taken for it from reaching the slot's next owner.
 pub struct Source {
     pub io: net::TcpStream,
     pub read: Readiness,
@@ -82,11 +85,11 @@ impl Source {
     /// Registers `io`, which must be non-blocking, for edge-triggered read and write events.
     pub fn new(io: net::TcpStream) -> io::Result<Arc<Source>> {
         let r = reactor()?;
-        let src = {
+        let (src, tag) = {
             let mut slots = r.slots();
             let key = slots.free.pop().unwrap_or(slots.list.len());
             if key == slots.list.len() {
-                slots.list.push(Weak::new());
+                slots.list.push((Weak::new(), 0));
             }
             let src = Arc::new(Source {
                 io,
@@ -95,29 +98,30 @@ impl Source {
                 hup: AtomicBool::new(false),
                 key,
             });
-            slots.list[key] = Arc::downgrade(&src);
-            src
+            let slot = &mut slots.list[key];
+            slot.0 = Arc::downgrade(&src);
+            slot.1 = slot.1.wrapping_add(1);
+            (src, event_data(key, slot.1))
         };
         let flags = epoll::EventFlags::IN
             | epoll::EventFlags::OUT
             | epoll::EventFlags::RDHUP
             | epoll::EventFlags::ET;
-        epoll::add(
-            &r.epoll,
-            &src.io,
-            epoll::EventData::new_u64(src.key as u64),
-            flags,
-        )?;
+        epoll::add(&r.epoll, &src.io, epoll::EventData::new_u64(tag), flags)?;
         Ok(src)
     }
+}
+
+/// An event's data: the slot in the low 32 bits, its generation in the high 32.
+fn event_data(key: usize, generation: u32) -> u64 {
+    (key as u64 & 0xffff_ffff) | (u64::from(generation) << 32)
 }
 
 impl Drop for Source {
     fn drop(&mut self) {
         if let Some(r) = REACTOR.get() {
-            let _ = epoll::delete(&r.epoll, &self.io);
             let mut slots = r.slots();
-            slots.list[self.key] = Weak::new();
+            slots.list[self.key].0 = Weak::new();
             slots.free.push(self.key);
         }
     }
@@ -125,7 +129,8 @@ impl Drop for Source {
 
 #[derive(Default)]
 struct Slots {
-    list: Vec<Weak<Source>>,
+    /// Per slot: its source, and its generation (bumped each time the slot is taken).
+    list: Vec<(Weak<Source>, u32)>,
     free: Vec<usize>,
 }
 
@@ -211,9 +216,15 @@ fn take_events(r: &Reactor, woken: &mut Vec<(Arc<Source>, epoll::EventFlags)>) -
     };
     let slots = r.slots();
     for ev in events.iter() {
-        let key = ev.data.u64() as usize;
-        if let Some(src) = slots.list.get(key).and_then(Weak::upgrade) {
-            woken.push((src, ev.flags));
+        let data = ev.data.u64();
+        let (key, generation) = ((data & 0xffff_ffff) as usize, (data >> 32) as u32);
+        match slots.list.get(key) {
+            Some((src, g)) if *g == generation => {
+                if let Some(src) = src.upgrade() {
+                    woken.push((src, ev.flags));
+                }
+            }
+            _ => {} // for a socket that has closed since, or a slot taken again
         }
     }
     events.len()
