@@ -34,7 +34,6 @@ pub fn is_reserved_upstream_header(name: &str) -> bool {
 }
 
 use crate::config::HeadersConfig;
-use async_tungstenite::tungstenite::handshake::client::generate_key;
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::http;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -166,6 +165,15 @@ impl Headers {
             (name, &self.bytes[b..c])
         })
     }
+
+    /// The values of every field named `name` (ASCII case-insensitive), in the order sent.
+    /// Compares bytes: a lookup decodes no name and allocates nothing.
+    pub fn values<'s: 'n, 'n>(&'s self, name: &'n str) -> impl Iterator<Item = &'s [u8]> + 'n {
+        self.fields
+            .iter()
+            .filter(move |&&(a, b, _)| self.bytes[a..b].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|&(_, b, c)| &self.bytes[b..c])
+    }
 }
 
 impl<N: AsRef<str>, V: AsRef<[u8]>> FromIterator<(N, V)> for Headers {
@@ -250,20 +258,21 @@ impl ResponseHead {
 /// The first value of header `name` in a parsed head, trimmed, if it is valid UTF-8.
 fn header_in<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
     headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .values(name)
+        .next()
+        .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::trim)
 }
 
 /// Whether any occurrence of the comma-separated header `name` lists `token`.
 fn has_token(headers: &Headers, name: &str, token: &str) -> bool {
-    headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    headers.values(name).any(|v| list_has(v, token.as_bytes()))
+}
+
+/// Whether the comma-separated list `list` has `token` (ASCII case-insensitive, trimmed).
+fn list_has(list: &[u8], token: &[u8]) -> bool {
+    list.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 impl std::fmt::Display for HeadError {
@@ -321,10 +330,11 @@ pub struct ClientInfo {
     pub tls: bool,
 }
 
-/// The gateway's own upgrade request toward a backend, written as bytes, and the
-/// `Sec-WebSocket-Key` it carries: the client's path and query unchanged, its end-to-end
-/// headers (never hop-by-hop ones), the subprotocol offer, `X-Forwarded-*` / `X-Real-IP`
-/// when `headers.forwarded`, then `headers.set`. `pass_extensions` forwards
+/// The gateway's upgrade request toward a backend, written as bytes: the client's path and
+/// query unchanged, its `Sec-WebSocket-Key` (as nginx and HAProxy pass it: the backend's
+/// accept key is then the one the client expects, so one SHA-1 serves both handshakes), its
+/// end-to-end headers (never hop-by-hop ones), the subprotocol offer, `X-Forwarded-*` /
+/// `X-Real-IP` when `headers.forwarded`, then `headers.set`. `pass_extensions` forwards
 /// `Sec-WebSocket-Extensions` (tunnel relay only). Header values are the client's as
 /// httparse accepted them, and `headers.set` is validated at load: no CR/LF can get in.
 pub fn upstream_request(
@@ -333,9 +343,9 @@ pub fn upstream_request(
     client: ClientInfo,
     cfg: &HeadersConfig,
     pass_extensions: bool,
-) -> (Vec<u8>, String) {
-    let key = generate_key();
+) -> Vec<u8> {
     let host = head.header("host").unwrap_or(authority);
+    let key = head.header("sec-websocket-key").unwrap_or_default();
     let mut out = Vec::with_capacity(512);
     put_line(&mut out, &head.target);
     let mut put = |name: &str, value: &[u8]| {
@@ -349,24 +359,24 @@ pub fn upstream_request(
     put("Upgrade", b"websocket");
     put("Sec-WebSocket-Version", b"13");
     put("Sec-WebSocket-Key", key.as_bytes());
-    let forwarded_names = [
+    const FORWARDED: [&str; 4] = [
         "x-forwarded-for",
         "x-forwarded-proto",
         "x-forwarded-host",
         "x-real-ip",
     ];
+    let is = |name: &str, other: &str| name.eq_ignore_ascii_case(other);
     let mut xff: Option<String> = None;
     for (name, value) in head.headers.iter() {
-        let lname = name.to_ascii_lowercase();
-        let pass_ext = pass_extensions && lname == "sec-websocket-extensions";
-        let protocol = lname == "sec-websocket-protocol";
-        if (is_reserved_upstream_header(&lname) && !pass_ext && !protocol)
-            || head.header_has_token("connection", &lname)
+        let pass_ext = pass_extensions && is(name, "sec-websocket-extensions");
+        let protocol = is(name, "sec-websocket-protocol");
+        if (is_reserved_upstream_header(name) && !pass_ext && !protocol)
+            || head.header_has_token("connection", name)
         {
             continue;
         }
-        if cfg.forwarded && forwarded_names.contains(&lname.as_str()) {
-            if lname == "x-forwarded-for" {
+        if cfg.forwarded && FORWARDED.iter().any(|f| is(name, f)) {
+            if is(name, "x-forwarded-for") {
                 let v = String::from_utf8_lossy(value);
                 xff = Some(match xff {
                     Some(prev) => format!("{prev}, {}", v.trim()),
@@ -375,7 +385,7 @@ pub fn upstream_request(
             }
             continue;
         }
-        if cfg.set.keys().any(|k| k.eq_ignore_ascii_case(name)) {
+        if cfg.set.keys().any(|k| is(name, k)) {
             continue;
         }
         put(name, value);
@@ -398,7 +408,7 @@ pub fn upstream_request(
         put(k, v.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    (out, key)
+    out
 }
 
 fn put_line(out: &mut Vec<u8>, target: &str) {
@@ -414,75 +424,64 @@ pub struct Upgraded {
     pub rest: Vec<u8>,
 }
 
-/// Sends an upgrade request and reads the answer within `timeout`: `Ok` for a 101 that checks
-/// out (accept key, `Upgrade`/`Connection`, a subprotocol the client offered); `Err(Ok(..))`
+/// Sends an upgrade request and reads the answer (the caller bounds it in time): `Ok` for a 101 that checks
+/// out (`accept`, the accept key the request's key calls for, `Upgrade`/`Connection`, a subprotocol the client offered); `Err(Ok(..))`
 /// for any other status, for the caller to judge (4xx passed to the client, 5xx retried);
 /// `Err(Err(reason))` for transport and protocol problems. Whatever the backend sent after
 /// its head is kept, so nothing is swallowed by a library's buffer.
 pub async fn raw_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     request: &[u8],
-    key: &str,
+    accept: &str,
     offered: Option<&str>,
-    timeout: std::time::Duration,
 ) -> Result<Upgraded, Result<Upgraded, String>> {
-    let io = async {
-        stream
-            .write_all(request)
-            .await
-            .map_err(|e| Err(format!("upgrade: {e}")))?;
-        let mut buf = Vec::with_capacity(1024);
-        let (response, len) = read_response_head(stream, &mut buf)
-            .await
-            .map_err(|e| Err(format!("upgrade: {e}")))?;
-        let rest = buf.split_off(len);
-        let up = Upgraded { response, rest };
-        if up.response.status != 101 {
-            return Err(Ok(up));
-        }
-        let r = &up.response;
-        if r.header("sec-websocket-accept") != Some(derive_accept_key(key.as_bytes()).as_str()) {
-            return Err(Err("upgrade: wrong Sec-WebSocket-Accept".to_string()));
-        }
-        if !r.header_has_token("upgrade", "websocket")
-            || !r.header_has_token("connection", "upgrade")
-        {
-            return Err(Err("upgrade: 101 without Upgrade: websocket".to_string()));
-        }
-        if let Some(chosen) = r.header("sec-websocket-protocol") {
-            let was_offered = offered.is_some_and(|o| o.split(',').any(|p| p.trim() == chosen));
-            if !was_offered {
-                return Err(Err(format!(
-                    "upgrade: backend chose subprotocol {chosen:?}, not offered"
-                )));
-            }
-        }
-        Ok(up)
-    };
-    match crate::rt::timeout(timeout, io).await {
-        Ok(r) => r,
-        Err(_) => Err(Err("upgrade timed out (connect_ms)".into())),
+    stream
+        .write_all(request)
+        .await
+        .map_err(|e| Err(format!("upgrade: {e}")))?;
+    let mut buf = Vec::with_capacity(1024);
+    let (response, len) = read_response_head(stream, &mut buf)
+        .await
+        .map_err(|e| Err(format!("upgrade: {e}")))?;
+    let rest = buf.split_off(len);
+    let up = Upgraded { response, rest };
+    if up.response.status != 101 {
+        return Err(Ok(up));
     }
+    let r = &up.response;
+    if r.header("sec-websocket-accept") != Some(accept) {
+        return Err(Err("upgrade: wrong Sec-WebSocket-Accept".to_string()));
+    }
+    if !r.header_has_token("upgrade", "websocket") || !r.header_has_token("connection", "upgrade") {
+        return Err(Err("upgrade: 101 without Upgrade: websocket".to_string()));
+    }
+    if let Some(chosen) = r.header("sec-websocket-protocol") {
+        let was_offered = offered.is_some_and(|o| o.split(',').any(|p| p.trim() == chosen));
+        if !was_offered {
+            return Err(Err(format!(
+                "upgrade: backend chose subprotocol {chosen:?}, not offered"
+            )));
+        }
+    }
+    Ok(up)
 }
 
-/// The 101 answer to the client: our own accept key, and the backend's chosen subprotocol and
-/// end-to-end headers (e.g. `Set-Cookie`); with `pass_extensions`, its extensions too.
-pub fn switching_protocols(
-    client_key: &str,
-    backend: &ResponseHead,
-    pass_extensions: bool,
-) -> Vec<u8> {
-    let mut out = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
-        derive_accept_key(client_key.as_bytes())
-    )
-    .into_bytes();
+/// The 101 answer to the client: the accept key for its `Sec-WebSocket-Key` ([`accept_key`]),
+/// and the backend's chosen subprotocol and end-to-end headers (e.g. `Set-Cookie`); with
+/// `pass_extensions`, its extensions too.
+pub fn switching_protocols(accept: &str, backend: &ResponseHead, pass_extensions: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+    );
+    out.extend_from_slice(accept.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let is = |name: &str, other: &str| name.eq_ignore_ascii_case(other);
     for (name, value) in backend.headers.iter() {
-        let n = name.to_ascii_lowercase();
-        let pass_ext = pass_extensions && n == "sec-websocket-extensions";
-        if (is_reserved_upstream_header(&n) && n != "sec-websocket-protocol" && !pass_ext)
-            || n == "date"
-            || n == "server"
+        let pass_ext = pass_extensions && is(name, "sec-websocket-extensions");
+        if (is_reserved_upstream_header(name) && !is(name, "sec-websocket-protocol") && !pass_ext)
+            || is(name, "date")
+            || is(name, "server")
         {
             continue;
         }
@@ -493,6 +492,12 @@ pub fn switching_protocols(
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2): computed once per
+/// handshake, it checks the backend's 101 and answers the client.
+pub fn accept_key(key: &str) -> String {
+    derive_accept_key(key.as_bytes())
 }
 
 /// A complete short HTTP/1.1 response that closes the connection.
@@ -644,7 +649,7 @@ mod tests {
                 .unwrap()
                 .0
         };
-        let (bytes, key) = upstream_request(&head(&h), "127.0.0.1:8010", client, &cfg, false);
+        let bytes = upstream_request(&head(&h), "127.0.0.1:8010", client, &cfg, false);
         let req = parse(bytes);
         let hv = |n: &str| {
             req.headers
@@ -669,13 +674,41 @@ mod tests {
         assert!(hv("keep-alive").is_empty());
         assert!(hv("x-drop").is_empty());
         assert_eq!(hv("connection"), ["Upgrade"]);
-        assert_eq!(hv("sec-websocket-key"), std::slice::from_ref(&key));
-        assert_ne!(key, "dGhlIHNhbXBsZSBub25jZQ==");
-        let (tunnel, _) = upstream_request(&head(&h), "b", client, &cfg, true);
+        assert_eq!(hv("sec-websocket-key"), ["dGhlIHNhbXBsZSBub25jZQ=="]);
+        let tunnel = upstream_request(&head(&h), "b", client, &cfg, true);
         assert_eq!(
             parse(tunnel).header("sec-websocket-extensions"),
             Some("permessage-deflate")
         );
+    }
+
+    /// RFC 6455 §1.3's example; the 101 carries exactly this value.
+    #[test]
+    fn accept_key_answers_the_client() {
+        let accept = accept_key("dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let backend = ResponseHead {
+            status: 101,
+            reason: "Switching Protocols".into(),
+            headers: [
+                ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+                ("Set-Cookie", "a=b"),
+                ("Server", "x"),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let answer = String::from_utf8(switching_protocols(&accept, &backend, false)).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
+        assert_eq!(
+            answer
+                .matches("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n")
+                .count(),
+            1
+        );
+        assert!(answer.contains("\r\nSet-Cookie: a=b\r\n"));
+        assert!(!answer.contains("Server:"));
+        assert!(answer.ends_with("\r\n\r\n"));
     }
 
     #[test]

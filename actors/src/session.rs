@@ -146,7 +146,9 @@ async fn run(
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
     let config = Arc::clone(&start.shared.config);
-    let mut s = Run {
+    // Boxed: the task's future holds a pointer, not the state, so spawning it (which moves
+    // the future through several wrappers) copies bytes, not a kilobyte.
+    let mut s = Box::new(Run {
         id,
         shared: start.shared,
         config,
@@ -172,7 +174,7 @@ async fn run(
         close_wait: relay::CLOSE_TIMEOUT,
         failovers: 0,
         fault: Fault::default(),
-    };
+    });
     let outcome = AssertUnwindSafe(s.session(&me, &mut control))
         .catch_unwind()
         .await;
@@ -282,7 +284,8 @@ impl Run {
 
         let tunnel = self.config.relay_for(&route.pool) == RelayMode::Tunnel;
         let mode = if tunnel { Mode::Tunnel } else { Mode::Message };
-        let Some(upstream) = self.connect(&route.pool, &head, mode).await else {
+        let accept = handshake::accept_key(head.header("sec-websocket-key").unwrap_or_default());
+        let Some(upstream) = self.connect(&route.pool, &head, &accept, mode).await else {
             return false;
         };
         let Some(response) = upstream.response() else {
@@ -301,8 +304,7 @@ impl Run {
             max_frame: self.config.limits.max_frame_bytes,
         };
         self.state = RelayState::new(replay, limits);
-        let key = head.header("sec-websocket-key").unwrap_or_default();
-        let answer = handshake::switching_protocols(key, response, tunnel);
+        let answer = handshake::switching_protocols(&accept, response, tunnel);
         let Some(mut raw) = self.raw.take() else {
             return false;
         };
@@ -396,7 +398,8 @@ impl Run {
             return self.refuse(503, HandshakeFailure::Limit).await;
         };
         self.slot = Some(slot);
-        let Some(Upstream::Http(mut backend)) = self.connect(pool, head, Mode::Http).await else {
+        let Some(Upstream::Http(mut backend)) = self.connect(pool, head, "", Mode::Http).await
+        else {
             return false;
         };
         let client = ClientInfo {
@@ -490,9 +493,13 @@ impl Run {
         &mut self,
         pool_name: &str,
         head: &RequestHead,
+        accept: &str,
         mode: Mode,
     ) -> Option<Upstream> {
-        match self.dial_walk(pool_name, head, Vec::new(), mode).await {
+        match self
+            .dial_walk(pool_name, head, accept, Vec::new(), mode)
+            .await
+        {
             Ok(ok) => Some(ok),
             Err(Walk::Refused(resp)) => {
                 // The application's own verdict (401, 403, 404…): pass it on, no retry.
@@ -510,13 +517,15 @@ impl Run {
         }
     }
 
-    /// Asks the pool for candidates and walks them until one accepts the upgrade. Failures
+    /// Asks the pool for candidates and walks them until one accepts the upgrade (its 101
+    /// carrying `accept`, the key the client's `Sec-WebSocket-Key` calls for). Failures
     /// are reported to the pool (passive health) and cost the client nothing while another
     /// backend answers. The session's lease follows the backend being tried.
     async fn dial_walk(
         &mut self,
         pool_name: &str,
         head: &RequestHead,
+        accept: &str,
         exclude: Vec<SocketAddr>,
         mode: Mode,
     ) -> Result<Upstream, Walk> {
@@ -551,7 +560,7 @@ impl Run {
                 }
             }
             let authority = b.addr.to_string();
-            let (request, key) = handshake::upstream_request(
+            let request = handshake::upstream_request(
                 head,
                 &authority,
                 client,
@@ -559,7 +568,7 @@ impl Run {
                 mode == Mode::Tunnel,
             );
             let offered = head.header("sec-websocket-protocol");
-            match dial(b, &request, &key, offered, timeouts.connect(), mode).await {
+            match dial(b, &request, accept, offered, timeouts.connect(), mode).await {
                 Ok(ok) => {
                     self.lease = lease;
                     self.backends_used.push(b.addr);
@@ -602,8 +611,15 @@ impl Run {
             return Err("no request to replay".into());
         };
         let lost = self.backends_used.last().copied();
+        let accept = handshake::accept_key(head.header("sec-websocket-key").unwrap_or_default());
         let result = self
-            .dial_walk(&pool, &head, lost.into_iter().collect(), Mode::Message)
+            .dial_walk(
+                &pool,
+                &head,
+                &accept,
+                lost.into_iter().collect(),
+                Mode::Message,
+            )
             .await;
         self.head = Some(head);
         let (mut backend, up) = match result {
@@ -973,30 +989,38 @@ struct TunnelIo {
 }
 
 /// Connects to a backend and, for the WebSocket modes, does the upgrade on raw bytes (one
-/// path for both relays), keeping any frames the backend sent right after its 101.
+/// path for both relays), keeping any frames the backend sent right after its 101. Connect
+/// and upgrade share one `connect_ms` deadline: one timer per attempt.
 async fn dial(
     b: &BackendState,
     request: &[u8],
-    key: &str,
+    accept: &str,
     offered: Option<&str>,
     timeout: std::time::Duration,
     mode: Mode,
 ) -> Result<Upstream, DialError> {
-    let started = Instant::now();
-    let mut tcp = transport::dial(b.addr, b.tls.as_ref(), timeout)
-        .await
-        .map_err(|e| DialError::Failed(format!("connect: {e}")))?;
-    if mode == Mode::Http {
-        return Ok(Upstream::Http(tcp));
-    }
-    let left = timeout.saturating_sub(started.elapsed());
-    match handshake::raw_upgrade(&mut tcp, request, key, offered, left).await {
-        Ok(up) => Ok(Upstream::Raw(tcp, up)),
-        Err(Ok(up)) if (400..500).contains(&up.response.status) => Err(DialError::Refused(up)),
-        Err(Ok(up)) => Err(DialError::Failed(format!(
-            "upgrade answered {}",
-            up.response.status
-        ))),
-        Err(Err(reason)) => Err(DialError::Failed(reason)),
+    let mut connected = false;
+    let attempt = async {
+        let mut tcp = transport::connect(b.addr, b.tls.as_ref())
+            .await
+            .map_err(|e| DialError::Failed(format!("connect: {e}")))?;
+        connected = true;
+        if mode == Mode::Http {
+            return Ok(Upstream::Http(tcp));
+        }
+        match handshake::raw_upgrade(&mut tcp, request, accept, offered).await {
+            Ok(up) => Ok(Upstream::Raw(tcp, up)),
+            Err(Ok(up)) if (400..500).contains(&up.response.status) => Err(DialError::Refused(up)),
+            Err(Ok(up)) => Err(DialError::Failed(format!(
+                "upgrade answered {}",
+                up.response.status
+            ))),
+            Err(Err(reason)) => Err(DialError::Failed(reason)),
+        }
+    };
+    match rt::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) if connected => Err(DialError::Failed("upgrade timed out (connect_ms)".into())),
+        Err(_) => Err(DialError::Failed("connect: connect timed out".into())),
     }
 }

@@ -189,20 +189,23 @@ pub async fn dial(
     tls: Option<&BackendTls>,
     timeout: Duration,
 ) -> io::Result<BackendStream> {
-    let connect = async {
-        let s = TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        match tls {
-            None => Ok(BackendStream::Plain(s)),
-            Some(t) => {
-                let s = t.connector.connect(t.name.clone(), s).await?;
-                Ok(BackendStream::Tls(Box::new(s)))
-            }
-        }
-    };
-    rt::timeout(timeout, connect)
+    rt::timeout(timeout, connect(addr, tls))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// [`dial`] without a deadline of its own, for callers that bound more than the connect
+/// with one timer.
+pub async fn connect(addr: SocketAddr, tls: Option<&BackendTls>) -> io::Result<BackendStream> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    match tls {
+        None => Ok(BackendStream::Plain(s)),
+        Some(t) => {
+            let s = t.connector.connect(t.name.clone(), s).await?;
+            Ok(BackendStream::Tls(Box::new(s)))
+        }
+    }
 }
 
 /// The read half of a split connection: the socket itself for plain TCP (so the tunnel can
