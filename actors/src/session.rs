@@ -186,7 +186,7 @@ async fn run(
             .unwrap_or_else(|| "unknown panic".into());
         log::warn!("session#{id} panicked: {what}; ending it with close 1011");
         s.shared.metrics.session_panics_total.fetch_add(1, Relaxed);
-        s.after_panic().await;
+        Box::pin(s.after_panic()).await; // rare: kept out of every task's size
     }
     s.finish_log();
     let fin = SessionFinished { session: id };
@@ -205,7 +205,8 @@ impl Run {
         // stay in every idle session's memory (bench: 17 KB of the task, 61% of idle RSS).
         if Box::pin(self.handshake(me)).await {
             if self.tunnel.is_some() {
-                self.run_tunnel(control).await;
+                // Boxed too: inline, the tunnel's state would size every message session.
+                Box::pin(self.run_tunnel(control)).await;
             } else {
                 self.relay(me, control).await;
             }
