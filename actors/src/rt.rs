@@ -8,7 +8,8 @@
 //! in that same reactor ([`reactor`]), and a read waits for the next event only when the
 //! last one emptied the socket (see [`TcpStream`]'s `poll_read`).
 //! Plain TCP tunnels copy bulk bytes with `splice(2)` through [`SpliceBuf`] (in
-//! `rt/splice.rs`), under the same readiness discipline.
+//! `rt/splice.rs`), under the same readiness discipline. Timers and timeouts are a wheel of
+//! coarse ticks of our own (`rt/timer.rs`), driven by one async-io timer.
 
 use futures::io::{AsyncRead, AsyncWrite};
 use std::future::Future;
@@ -53,12 +54,13 @@ pub async fn yield_now() {
 }
 
 pub async fn sleep(d: Duration) {
-    async_std::task::sleep(d).await
+    Timer::after(d).await
 }
 
-/// `Err(Elapsed)` when `f` did not finish within `d`.
+/// `Err(Elapsed)` when `f` did not finish within `d` (a timer is armed only if `f` has to
+/// wait).
 pub async fn timeout<F: Future>(d: Duration, f: F) -> Result<F::Output, Elapsed> {
-    async_std::future::timeout(d, f).await.map_err(|_| Elapsed)
+    timer::timeout(d, f).await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +72,10 @@ impl std::fmt::Display for Elapsed {
     }
 }
 
-/// A one-shot timer that can be re-armed without allocating; polled in the relay loop.
-pub type Timer = async_io::Timer;
+mod timer;
+/// A one-shot timer that can be re-armed without allocating; polled in the relay loop
+/// ([`timer`]: a coarse wheel, one async-io timer for the earliest deadline).
+pub use timer::{Timer, TICK};
 
 /// A listening TCP socket.
 pub struct TcpListener(Async<net::TcpListener>);
