@@ -2,11 +2,11 @@
 //! async-std (deprecated upstream) to smol is a change to this file alone.
 //!
 //! Sockets are our own thin types, so the gateway controls what the async-std types hide:
-//! the listen backlog, and how a connection waits for readiness. Listeners are
-//! `async_io::Async` (the reactor async-std runs on and smol is built on); connections are
+//! the listen backlog, and how a socket waits for readiness. Listeners and connections are
 //! registered once, edge-triggered, in an epoll set of our own whose descriptor is a source
-//! in that same reactor ([`reactor`]), and a read waits for the next event only when the
-//! last one emptied the socket (see [`TcpStream`]'s `poll_read`).
+//! in async-io's reactor (the one async-std runs on and smol is built on; [`reactor`]), and
+//! a read waits for the next event only when the last one emptied the socket (see
+//! [`TcpStream`]'s `poll_read`).
 //! Plain TCP tunnels copy bulk bytes with `splice(2)` through [`SpliceBuf`] (in
 //! `rt/splice.rs`), under the same readiness discipline. Timers and timeouts are a wheel of
 //! coarse ticks of our own (`rt/timer.rs`), driven by one async-io timer.
@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_io::Async;
 
 mod reactor;
 
@@ -77,22 +76,37 @@ mod timer;
 /// ([`timer`]: a coarse wheel, one async-io timer for the earliest deadline).
 pub use timer::{Timer, TICK};
 
-/// A listening TCP socket.
-pub struct TcpListener(Async<net::TcpListener>);
+/// A listening TCP socket, registered edge-triggered in [`reactor`] like the connections:
+/// an accept that finds the queue empty waits for the next event without re-arming.
+pub struct TcpListener(Arc<reactor::Source<net::TcpListener>>);
 
 impl TcpListener {
     /// Binds with `SO_REUSEADDR` and a backlog of [`LISTEN_BACKLOG`].
     pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         use socket2::{Domain, Socket, Type};
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
         socket.set_reuse_address(true)?;
         socket.bind(&addr.into())?;
         socket.listen(LISTEN_BACKLOG)?;
-        Ok(TcpListener(Async::new(net::TcpListener::from(socket))?))
+        Ok(TcpListener(reactor::Source::new(net::TcpListener::from(
+            socket,
+        ))?))
     }
 
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        let (s, peer) = self.0.read_with(|l| l.accept()).await?;
+        let src = &*self.0;
+        let (s, peer) = std::future::poll_fn(|cx| loop {
+            src.read.take();
+            match src.io.accept() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if src.read.poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+                res => return Poll::Ready(res),
+            }
+        })
+        .await?;
         s.set_nonblocking(true)?;
         Ok((
             TcpStream(reactor::Source::new(s)?, Drained::default()),
@@ -101,7 +115,7 @@ impl TcpListener {
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.get_ref().local_addr()
+        self.0.io.local_addr()
     }
 }
 
@@ -130,7 +144,9 @@ impl TcpStream {
         if let Some(e) = src.io.take_error()? {
             return Err(e);
         }
-        Ok(TcpStream(src, Drained::default()))
+        // Registered before it was even connected, so every byte the peer sends comes with a
+        // read event: the first read waits for one (a read now would find nothing).
+        Ok(TcpStream(src, Drained(true)))
     }
 
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {

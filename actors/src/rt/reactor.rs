@@ -20,7 +20,7 @@ use rustix::event::epoll;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll};
@@ -66,12 +66,13 @@ impl Readiness {
     }
 }
 
-/// A registered connection. Its socket leaves the set when it closes (the kernel drops a
-/// descriptor's registrations with its last close, as nginx relies on: no `EPOLL_CTL_DEL`);
-/// dropping it frees its slot, and the slot's generation, in every event's data, keeps an
-/// event that was already taken for it from reaching the slot's next owner.
-pub struct Source {
-    pub io: net::TcpStream,
+/// A registered socket (a connection, or a listener: `T`). Its socket leaves the set when it
+/// closes (the kernel drops a descriptor's registrations with its last close, as nginx
+/// relies on: no `EPOLL_CTL_DEL`); dropping it frees its slot, and the slot's generation, in
+/// every event's data, keeps an event that was already taken for it from reaching the slot's
+/// next owner.
+pub struct Source<T = net::TcpStream> {
+    pub io: T,
     pub read: Readiness,
     pub write: Readiness,
     /// The peer's FIN (or an error) has been reported. It is sticky: arriving with the last
@@ -81,15 +82,34 @@ pub struct Source {
     key: usize,
 }
 
-impl Source {
+/// What the dispatcher sees of a source, whatever its socket type.
+trait Events: Send + Sync {
+    fn read(&self) -> &Readiness;
+    fn write(&self) -> &Readiness;
+    fn hup(&self) -> &AtomicBool;
+}
+
+impl<T: Send + Sync> Events for Source<T> {
+    fn read(&self) -> &Readiness {
+        &self.read
+    }
+    fn write(&self) -> &Readiness {
+        &self.write
+    }
+    fn hup(&self) -> &AtomicBool {
+        &self.hup
+    }
+}
+
+impl<T: AsFd + Send + Sync + 'static> Source<T> {
     /// Registers `io`, which must be non-blocking, for edge-triggered read and write events.
-    pub fn new(io: net::TcpStream) -> io::Result<Arc<Source>> {
+    pub fn new(io: T) -> io::Result<Arc<Source<T>>> {
         let r = reactor()?;
         let (src, tag) = {
             let mut slots = r.slots();
             let key = slots.free.pop().unwrap_or(slots.list.len());
             if key == slots.list.len() {
-                slots.list.push((Weak::new(), 0));
+                slots.list.push((Weak::<Source>::new(), 0));
             }
             let src = Arc::new(Source {
                 io,
@@ -99,7 +119,8 @@ impl Source {
                 key,
             });
             let slot = &mut slots.list[key];
-            slot.0 = Arc::downgrade(&src);
+            let weak: Weak<dyn Events> = Arc::downgrade(&src) as Weak<dyn Events>;
+            slot.0 = weak;
             slot.1 = slot.1.wrapping_add(1);
             (src, event_data(key, slot.1))
         };
@@ -117,11 +138,11 @@ fn event_data(key: usize, generation: u32) -> u64 {
     (key as u64 & 0xffff_ffff) | (u64::from(generation) << 32)
 }
 
-impl Drop for Source {
+impl<T> Drop for Source<T> {
     fn drop(&mut self) {
         if let Some(r) = REACTOR.get() {
             let mut slots = r.slots();
-            slots.list[self.key].0 = Weak::new();
+            slots.list[self.key].0 = Weak::<Source>::new();
             slots.free.push(self.key);
         }
     }
@@ -130,7 +151,7 @@ impl Drop for Source {
 #[derive(Default)]
 struct Slots {
     /// Per slot: its source, and its generation (bumped each time the slot is taken).
-    list: Vec<(Weak<Source>, u32)>,
+    list: Vec<(Weak<dyn Events>, u32)>,
     free: Vec<usize>,
 }
 
@@ -171,7 +192,7 @@ fn reactor() -> io::Result<&'static Reactor> {
 
 /// Waits for the set to have events, then wakes the sockets they are for.
 async fn dispatch(r: &'static Reactor, outer: async_io::Async<OwnedFd>) {
-    let mut woken: Vec<(Arc<Source>, epoll::EventFlags)> = Vec::with_capacity(BATCH);
+    let mut woken: Vec<(Arc<dyn Events>, epoll::EventFlags)> = Vec::with_capacity(BATCH);
     loop {
         if let Err(e) = outer.readable().await {
             log::error!("edge-triggered reactor: waiting on the epoll set failed: {e}");
@@ -184,13 +205,13 @@ async fn dispatch(r: &'static Reactor, outer: async_io::Async<OwnedFd>) {
             use epoll::EventFlags as F;
             for (src, flags) in woken.drain(..) {
                 if flags.intersects(F::RDHUP | F::HUP | F::ERR) {
-                    src.hup.store(true, Ordering::Release);
+                    src.hup().store(true, Ordering::Release);
                 }
                 if flags.intersects(F::IN | F::PRI | F::RDHUP | F::HUP | F::ERR) {
-                    src.read.set();
+                    src.read().set();
                 }
                 if flags.intersects(F::OUT | F::HUP | F::ERR) {
-                    src.write.set();
+                    src.write().set();
                 }
             }
             super::yield_now().await;
@@ -200,7 +221,7 @@ async fn dispatch(r: &'static Reactor, outer: async_io::Async<OwnedFd>) {
 
 /// One `epoll_wait` without a timeout: the sources of the ready events, upgraded under the
 /// lock (they are woken and dropped outside it, since a drop takes the lock).
-fn take_events(r: &Reactor, woken: &mut Vec<(Arc<Source>, epoll::EventFlags)>) -> usize {
+fn take_events(r: &Reactor, woken: &mut Vec<(Arc<dyn Events>, epoll::EventFlags)>) -> usize {
     let mut buf = [const { MaybeUninit::<epoll::Event>::uninit() }; BATCH];
     let none = rustix::event::Timespec {
         tv_sec: 0,
