@@ -13,7 +13,8 @@
 #   bench/profile.sh syscalls-handshake [targets]    syscalls per session (perf tracepoint
 #                                          counts over 5 s of load / the sessions it completed)
 #   bench/profile.sh cpu-handshake [targets]         user and kernel CPU µs per session (/proc),
-#                                          3 runs of 5 s after a 1 s warm-up, each and the median
+#                                          3 runs of 5 s after a 1 s warm-up, each and the median;
+#                                          then µs per session in each syscall (perf cpu-clock)
 #
 # targets: any of wsgate-message wsgate-tunnel nginx haproxy floor (default: the first four
 # for syscalls, wsgate-message wsgate-tunnel for callgrind). floor is
@@ -301,8 +302,40 @@ case "$MODE" in
                     END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
             done | paste -sd' ' | awk -v t="$t" '{ printf "%-16s %-8s %9d %12.2f %12.2f %12.2f\n", t, "median", $1, $2, $3, $4 }' |
                 tee -a "$OUT/cpu-handshake.txt"
+            # Where the time goes: perf cpu-clock samples of one more load, as top symbols and
+            # as µs per session inside each syscall (its kernel work, including the loopback
+            # softirq it runs for the peer), in $OUT/cpu-handshake-syscalls.txt.
+            perf record -q -e cpu-clock -F 1999 -g -p "$TPID" -o "$OUT/$t-hs.perf" &
+            hs_perf=$!
+            PIDS+=("$hs_perf")
+            sleep 0.3
+            n=$(hs_load "$HS_SECS")
+            stop_wait "$hs_perf" 10 INT
+            perf report -i "$OUT/$t-hs.perf" --no-children --sort dso,sym --stdio 2>/dev/null |
+                grep -E '^ +[0-9.]+%' | head -25 >"$OUT/$t-hs-kernel.txt" || true
+            # A syscall's time is its entry point's inclusive share. Some entry points are tail
+            # calls, rarely on the stack: for those their callee counts (the larger of the two).
+            perf report -i "$OUT/$t-hs.perf" --children --sort sym --stdio -g none 2>/dev/null |
+                awk -v n="$n" -v t="$t" -v list="$SYSCALLS" '
+                    BEGIN { alias["read"] = "ksys_read"; alias["write"] = "ksys_write"
+                            alias["readv"] = "do_readv"; alias["writev"] = "do_writev" }
+                    /^# Event count/ { ns = $NF }
+                    / \[k\] / { sub("%", "", $1); pct[$NF] = $1 }
+                    END {
+                        printf "%-16s %-18s %9.2f\n", t, "(total)", ns / 1e3 / n
+                        k = split(list, names, " ")
+                        for (i = 1; i <= k; i++) {
+                            s = names[i]; m = pct["__x64_sys_" s] + 0
+                            if ((s in alias) && pct[alias[s]] + 0 > m) m = pct[alias[s]] + 0
+                            us = m * ns / 1e5 / n
+                            if (us >= 0.05) printf "%-16s %-18s %9.2f\n", t, s, us
+                        }
+                    }' |
+                sort -k3 -gr >>"$OUT/cpu-handshake-syscalls.txt" || true
             stop_wait "$STOPPID" 5
-        done ;;
+        done
+        printf '\n%-16s %-18s %9s\n' target syscall us_per_session
+        cat "$OUT/cpu-handshake-syscalls.txt" ;;
     massif)
         for t in $TARGETS; do
             WRAP="valgrind --tool=massif --detailed-freq=1 --max-snapshots=60 --massif-out-file=$OUT/$t.massif" start "$t"
