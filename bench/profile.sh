@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # Per-message cost of the proxies under a fixed closed-loop load (64 B, 50 connections),
-# measured as differences between a short and a long run so setup costs cancel out.
+# measured as differences between a short and a long run so setup costs cancel out; and
+# per-session cost under a handshake load (10 concurrent clients, each in a loop: connect,
+# upgrade, one echo, close).
 #
 #   bench/profile.sh syscalls  [targets]   syscalls per echoed message (perf tracepoint counts)
 #   bench/profile.sh cpu [targets]         user and kernel CPU µs per echoed message (/proc), and
 #                                          the top symbols of a perf cpu-clock profile
 #   bench/profile.sh callgrind [targets]   user-space instructions per message + top functions
 #   bench/profile.sh massif [targets]      heap per idle session (1,000 sessions), wsgate
-#   bench/profile.sh callgrind-handshake [targets]   instructions per session (connect, upgrade,
-#                                          one echo, close), 10 concurrent clients, 2 s vs 8 s
+#   bench/profile.sh callgrind-handshake [targets]   instructions per session, 2 s vs 8 s of load
+#   bench/profile.sh syscalls-handshake [targets]    syscalls per session (perf tracepoint
+#                                          counts over 5 s of load / the sessions it completed)
+#   bench/profile.sh cpu-handshake [targets]         user and kernel CPU µs per session (/proc),
+#                                          3 runs of 5 s after a 1 s warm-up, each and the median;
+#                                          then µs per session in each syscall (perf cpu-clock)
 #
-# targets: any of wsgate-message wsgate-tunnel nginx haproxy (default: all for syscalls,
-# wsgate-message wsgate-tunnel for callgrind). Needs perf (linux-perf) / valgrind; builds
-# nothing: run bench/compare.sh --quick (or cargo build --release) first.
+# targets: any of wsgate-message wsgate-tunnel nginx haproxy floor (default: the first four
+# for syscalls, wsgate-message wsgate-tunnel for callgrind). floor is
+# target/release/floor-proxy (bench/loadgen/src/bin/floor_proxy.rs): the least a proxy on
+# wsgate's runtime can do (a byte tunnel after passing the heads through), its lower bound.
+# Needs perf (linux-perf) / valgrind; builds nothing: run bench/compare.sh --quick (or
+# cargo build --release -p wsgate -p wsgate-loadgen) first.
 # Output goes to bench/results/profile-<stamp>/ (callgrind.out files, annotated listings).
 set -euo pipefail
 
@@ -29,10 +38,12 @@ LONG=${LONG:-500}     # messages per connection, long run
 [ "$MODE" = cpu ] && SHORT=${SHORT_CPU:-100} LONG=${LONG_CPU:-2000}
 [ "$MODE" = massif ] && [ $# -eq 0 ] && TARGETS="wsgate-message wsgate-tunnel"
 [ "$MODE" = callgrind-handshake ] && [ $# -eq 0 ] && TARGETS="wsgate-message wsgate-tunnel nginx haproxy"
+HS_CONNS=10 HS_SECS=5 HS_REPS=3 # syscalls-handshake, cpu-handshake
 
 WSGATE=$ROOT/target/release/wsgate
 LOADGEN=$ROOT/target/release/loadgen
 ECHO=$ROOT/target/release/echo-backend
+FLOOR=$ROOT/target/release/floor-proxy
 OUT=$ROOT/bench/results/profile-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 TMP=$(mktemp -d /tmp/wsgate-profile.XXXXXX)
@@ -156,6 +167,13 @@ start() {
             ${WRAP:-} haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/proxy.err" 2>&1 &
             TPID=$!
             PIDS+=("$TPID") ;;
+        floor)
+            ASYNC_STD_THREAD_COUNT=1 ${WRAP:-} "$FLOOR" --listen "127.0.0.1:$PPORT" \
+                --backend "127.0.0.1:$BPORT" 2>"$TMP/proxy.err" >/dev/null &
+            TPID=$!
+            PIDS+=("$TPID")
+            wait_log "$TMP/proxy.err" "listening on" 120 ;;
+        *) echo "unknown target: $t" >&2; exit 2 ;;
     esac
     STOPPID=${STOPPID:-$TPID}
     "$LOADGEN" wait-port --addr "127.0.0.1:$PPORT" --timeout-ms 120000
@@ -166,7 +184,18 @@ load() { # messages per connection
         --target profile | jq -c '{msgs, rate, faults}' >&2
 }
 
+# $HS_CONNS clients in a handshake loop for $1 seconds; prints the sessions completed (the
+# record's summary goes to stderr).
+hs_load() { # seconds
+    local rec
+    rec=$("$LOADGEN" handshake --addr "127.0.0.1:$PPORT" --conns "$HS_CONNS" --secs "$1" --target profile)
+    jq -c '{sessions, rate, faults}' <<<"$rec" >&2
+    jq -r '.sessions' <<<"$rec"
+}
+
 SYSCALLS="recvfrom sendto read write readv writev epoll_wait epoll_pwait epoll_pwait2 epoll_ctl futex sendmsg recvmsg close accept4 sched_yield mmap munmap madvise brk timerfd_settime"
+# What a session adds (syscalls-handshake): its sockets' setup and teardown.
+SYSCALLS="$SYSCALLS socket connect setsockopt getsockopt shutdown ioctl fcntl"
 EVENTS="raw_syscalls:sys_enter"
 for s in $SYSCALLS; do EVENTS="$EVENTS,syscalls:sys_enter_$s"; done
 
@@ -181,6 +210,9 @@ count_syscalls() { # target msgs outfile
     stop_wait "$perf" 5 INT
     stop_wait "$STOPPID" 5
 }
+
+# User and kernel clock ticks of all of pid $1's threads so far.
+ticks() { awk '{u += $14; s += $15} END {print u, s}' /proc/"$1"/task/*/stat; }
 
 case "$MODE" in
     syscalls)
@@ -225,6 +257,85 @@ case "$MODE" in
             callgrind_annotate --inclusive=yes "$OUT/$t-hs8.callgrind" >"$OUT/$t-hs-inclusive.txt" 2>/dev/null || true
             callgrind_annotate "$OUT/$t-hs8.callgrind" >"$OUT/$t-hs-self.txt" 2>/dev/null || true
         done ;;
+    syscalls-handshake)
+        # Counted over one load, after the proxy has started (its setup is not counted);
+        # divided by the sessions that load completed.
+        printf '%-16s %-26s %s\n' target syscall per_session | tee "$OUT/syscalls-handshake.txt"
+        for t in $TARGETS; do
+            start "$t"
+            perf stat -x, -e "$EVENTS" -p "$TPID" -o "$OUT/$t-hs.csv" &
+            hs_perf=$!
+            PIDS+=("$hs_perf")
+            sleep 0.3 # perf attaches asynchronously; nothing to poll for
+            n=$(hs_load "$HS_SECS")
+            stop_wait "$hs_perf" 5 INT
+            stop_wait "$STOPPID" 5
+            echo "$t: $n sessions" >&2
+            awk -F, -v n="$n" -v t="$t" '
+                $3 != "" { d = $1 / n; if (d > 0.005) printf "%-16s %-26s %.2f\n", t, $3, d }' \
+                "$OUT/$t-hs.csv" | sort -k3 -nr | tee -a "$OUT/syscalls-handshake.txt"
+        done ;;
+    cpu-handshake)
+        # User and kernel CPU of the proxy per session (utime/stime of all its threads from
+        # /proc, before and after each load), $HS_REPS loads on one proxy process after a
+        # warm-up load.
+        printf '%-16s %-8s %9s %12s %12s %12s\n' target run sessions user_us sys_us total_us |
+            tee "$OUT/cpu-handshake.txt"
+        hz=$(getconf CLK_TCK)
+        for t in $TARGETS; do
+            start "$t"
+            hs_load 1 >/dev/null
+            : >"$TMP/cpu-hs-runs"
+            for rep in $(seq "$HS_REPS"); do
+                read -r u0 s0 < <(ticks "$TPID")
+                n=$(hs_load "$HS_SECS")
+                read -r u1 s1 < <(ticks "$TPID")
+                awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v n="$n" -v hz="$hz" \
+                    'BEGIN { printf "%d %.2f %.2f %.2f\n", n, u * 1e6 / hz / n, s * 1e6 / hz / n, (u + s) * 1e6 / hz / n }' |
+                    tee -a "$TMP/cpu-hs-runs" |
+                    awk -v t="$t" -v r="$rep" '{ printf "%-16s %-8s %9d %12.2f %12.2f %12.2f\n", t, r, $1, $2, $3, $4 }' |
+                    tee -a "$OUT/cpu-handshake.txt"
+            done
+            # Median of each column on its own.
+            for col in 1 2 3 4; do
+                sort -g -k"$col","$col" "$TMP/cpu-hs-runs" | awk -v c="$col" '{ v[NR] = $c }
+                    END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+            done | paste -sd' ' | awk -v t="$t" '{ printf "%-16s %-8s %9d %12.2f %12.2f %12.2f\n", t, "median", $1, $2, $3, $4 }' |
+                tee -a "$OUT/cpu-handshake.txt"
+            # Where the time goes: perf cpu-clock samples of one more load, as top symbols and
+            # as µs per session inside each syscall (its kernel work, including the loopback
+            # softirq it runs for the peer), in $OUT/cpu-handshake-syscalls.txt.
+            perf record -q -e cpu-clock -F 1999 -g -p "$TPID" -o "$OUT/$t-hs.perf" &
+            hs_perf=$!
+            PIDS+=("$hs_perf")
+            sleep 0.3
+            n=$(hs_load "$HS_SECS")
+            stop_wait "$hs_perf" 10 INT
+            perf report -i "$OUT/$t-hs.perf" --no-children --sort dso,sym --stdio 2>/dev/null |
+                grep -E '^ +[0-9.]+%' | head -25 >"$OUT/$t-hs-kernel.txt" || true
+            # A syscall's time is its entry point's inclusive share. Some entry points are tail
+            # calls, rarely on the stack: for those their callee counts (the larger of the two).
+            perf report -i "$OUT/$t-hs.perf" --children --sort sym --stdio -g none 2>/dev/null |
+                awk -v n="$n" -v t="$t" -v list="$SYSCALLS" '
+                    BEGIN { alias["read"] = "ksys_read"; alias["write"] = "ksys_write"
+                            alias["readv"] = "do_readv"; alias["writev"] = "do_writev" }
+                    /^# Event count/ { ns = $NF }
+                    / \[k\] / { sub("%", "", $1); pct[$NF] = $1 }
+                    END {
+                        printf "%-16s %-18s %9.2f\n", t, "(total)", ns / 1e3 / n
+                        k = split(list, names, " ")
+                        for (i = 1; i <= k; i++) {
+                            s = names[i]; m = pct["__x64_sys_" s] + 0
+                            if ((s in alias) && pct[alias[s]] + 0 > m) m = pct[alias[s]] + 0
+                            us = m * ns / 1e5 / n
+                            if (us >= 0.05) printf "%-16s %-18s %9.2f\n", t, s, us
+                        }
+                    }' |
+                sort -k3 -gr >>"$OUT/cpu-handshake-syscalls.txt" || true
+            stop_wait "$STOPPID" 5
+        done
+        printf '\n%-16s %-18s %9s\n' target syscall us_per_session
+        cat "$OUT/cpu-handshake-syscalls.txt" ;;
     massif)
         for t in $TARGETS; do
             WRAP="valgrind --tool=massif --detailed-freq=1 --max-snapshots=60 --massif-out-file=$OUT/$t.massif" start "$t"
@@ -241,7 +352,6 @@ case "$MODE" in
         # /proc, between a short and a long load), then where the kernel time goes (perf
         # cpu-clock samples of one more long load, kernel symbols).
         printf '%-16s %12s %12s %12s\n' target user_us sys_us total_us | tee "$OUT/cpu.txt"
-        ticks() { awk '{u += $14; s += $15} END {print u, s}' /proc/"$1"/task/*/stat; }
         hz=$(getconf CLK_TCK)
         for t in $TARGETS; do
             start "$t"
@@ -263,6 +373,6 @@ case "$MODE" in
                 grep -E '^ +[0-9.]+%' | head -25 >"$OUT/$t-kernel.txt" || true
             stop_wait "$STOPPID" 5
         done ;;
-    *) echo "usage: bench/profile.sh syscalls|cpu|callgrind|callgrind-handshake|massif [targets]" >&2; exit 2 ;;
+    *) echo "usage: bench/profile.sh syscalls|cpu|callgrind|callgrind-handshake|syscalls-handshake|cpu-handshake|massif [targets]" >&2; exit 2 ;;
 esac
 echo "output: $OUT" >&2
