@@ -94,22 +94,32 @@ impl TcpListener {
     }
 
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        use rustix::net::{acceptfrom_with, SocketFlags};
         let src = &*self.0;
-        let (s, peer) = std::future::poll_fn(|cx| loop {
+        // accept4 with SOCK_NONBLOCK: no fcntl/ioctl afterwards (one syscall per session).
+        let (fd, peer) = std::future::poll_fn(|cx| loop {
             src.read.take();
-            match src.io.accept() {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            match acceptfrom_with(&src.io, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+                Ok((fd, Some(peer))) => match SocketAddr::try_from(peer) {
+                    Ok(peer) => return Poll::Ready(Ok((fd, peer))),
+                    Err(_) => drop(fd), // not an IP peer: cannot happen on a TCP listener
+                },
+                Ok((fd, None)) => drop(fd),
+                Err(rustix::io::Errno::AGAIN) => {
                     if src.read.poll(cx).is_pending() {
                         return Poll::Pending;
                     }
                 }
-                res => return Poll::Ready(res),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Poll::Ready(Err(io::Error::from(e))),
             }
         })
         .await?;
-        s.set_nonblocking(true)?;
         Ok((
-            TcpStream(reactor::Source::new(s)?, Drained::default()),
+            TcpStream(
+                reactor::Source::new(net::TcpStream::from(fd))?,
+                Drained::default(),
+            ),
             peer,
         ))
     }
