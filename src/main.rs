@@ -7,6 +7,9 @@ use wsgate_actors::config::Config;
 const USAGE: &str =
     "usage: wsgate [--config PATH] | wsgate --check [--config PATH] | wsgate --version";
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let mut config = PathBuf::from("config.json");
     let mut check = false;

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-
 mod reactor;
 
 pub use async_std::task::JoinHandle;
