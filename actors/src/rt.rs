@@ -73,7 +73,7 @@ impl std::fmt::Display for Elapsed {
 mod timer;
 /// A one-shot timer that can be re-armed without allocating; polled in the relay loop
 /// ([`timer`]: a coarse wheel, one async-io timer for the earliest deadline).
-pub use timer::{Timer, TICK};
+pub use timer::Timer;
 
 /// A listening TCP socket, registered edge-triggered in [`reactor`] like the connections:
 /// an accept that finds the queue empty waits for the next event without re-arming.

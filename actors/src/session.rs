@@ -124,13 +124,13 @@ struct Run {
     backends_used: Vec<SocketAddr>,
     /// The client's request, kept to redo the upstream handshake on failover (pools with
     /// `on_backend_loss: reconnect` only).
-    head: Option<RequestHead>,
+    head: Option<Box<RequestHead>>,
     /// The subprotocol the first backend chose; a failover backend must choose the same.
     subprotocol: Option<String>,
     state: RelayState,
     flushed: Counters,
     /// A tunnel-mode session's sockets and the bytes read past the handshake heads.
-    tunnel: Option<TunnelIo>,
+    tunnel: Option<Box<TunnelIo>>,
     tunnel_counts: TunnelCounts,
     close: Option<(u16, ClosedBy)>,
     /// How long the closing handshakes may take (shorter inside a shutdown's drain).
@@ -320,12 +320,12 @@ impl Run {
             return false;
         }
         if tunnel {
-            self.tunnel = Some(TunnelIo {
+            self.tunnel = Some(Box::new(TunnelIo {
                 client: raw,
                 backend,
                 c2b: leftover,
                 b2c: up.rest,
-            });
+            }));
         } else {
             self.state.preload(Side::Client, leftover);
             self.state.preload(Side::Backend, up.rest);
@@ -349,7 +349,7 @@ impl Run {
         self.inject(fault.as_deref(), &route.pool);
         // Kept only to redo the upstream handshake on failover (an idle session's memory).
         if self.loss_policy() == OnBackendLoss::Reconnect {
-            self.head = Some(head);
+            self.head = Some(Box::new(head));
         }
         true
     }
@@ -572,6 +572,8 @@ impl Run {
             match dial(b, &request, accept, offered, timeouts.connect(), mode).await {
                 Ok(ok) => {
                     self.lease = lease;
+                    // Most sessions only ever have one: no room for four (an idle session's memory).
+                    self.backends_used.reserve_exact(1);
                     self.backends_used.push(b.addr);
                     return Ok(ok);
                 }

@@ -1,9 +1,10 @@
-//! Edge-triggered readiness for the gateway's TCP connections (Linux epoll).
+//! Edge-triggered readiness for the gateway's TCP sockets, connections and listeners
+//! (Linux epoll).
 //!
 //! async-io registers sockets one-shot: every wait for a readiness event re-arms the socket
 //! with an `epoll_ctl`, one per message and direction (bench/profile.sh: 2.4 per echoed
 //! message, about a quarter of the relay's syscall time; nginx makes none). Here every
-//! connection is registered once, edge-triggered, for reading and writing, in an epoll set of
+//! socket is registered once, edge-triggered, for reading and writing, in an epoll set of
 //! our own. That set's descriptor is itself a source in async-io's reactor, so the executor
 //! and its reactor stay async-std's: one dispatch task waits for the set to become readable,
 //! takes every ready event with one `epoll_wait` (no timeout) and wakes the tasks waiting on
@@ -119,8 +120,7 @@ impl<T: AsFd + Send + Sync + 'static> Source<T> {
                 key,
             });
             let slot = &mut slots.list[key];
-            let weak: Weak<dyn Events> = Arc::downgrade(&src) as Weak<dyn Events>;
-            slot.0 = weak;
+            slot.0 = Arc::downgrade(&src) as Weak<dyn Events>;
             slot.1 = slot.1.wrapping_add(1);
             (src, event_data(key, slot.1))
         };
