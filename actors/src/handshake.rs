@@ -127,21 +127,24 @@ fn parse_error(e: httparse::Error) -> HeadError {
     }
 }
 
-/// A head's header fields in one buffer: two allocations per head, not two per field.
+/// A head's header fields: names in one string, values in one buffer (three allocations
+/// per head, not two per field). Names are kept as `str`, so reading one back decodes
+/// nothing; values are bytes, as httparse accepted them.
 #[derive(Debug, Clone, Default)]
 pub struct Headers {
-    bytes: Vec<u8>,
-    /// Per field: where its name starts, where its value starts (= where the name ends), and
-    /// where the value ends, in `bytes`.
-    fields: Vec<(usize, usize, usize)>,
+    names: String,
+    values: Vec<u8>,
+    /// Per field: where its name ends in `names` and its value ends in `values` (each starts
+    /// where the previous field's ends).
+    ends: Vec<(u32, u32)>,
 }
 
 impl Headers {
     fn from_parsed(parsed: &[httparse::Header<'_>]) -> Headers {
-        let size = parsed.iter().map(|h| h.name.len() + h.value.len()).sum();
         let mut h = Headers {
-            bytes: Vec::with_capacity(size),
-            fields: Vec::with_capacity(parsed.len()),
+            names: String::with_capacity(parsed.iter().map(|f| f.name.len()).sum()),
+            values: Vec::with_capacity(parsed.iter().map(|f| f.value.len()).sum()),
+            ends: Vec::with_capacity(parsed.len()),
         };
         for f in parsed {
             h.push(f.name, f.value);
@@ -149,30 +152,31 @@ impl Headers {
         h
     }
 
+    /// Heads are at most `MAX_HEAD_BYTES`, so the offsets fit in `u32`.
     fn push(&mut self, name: &str, value: &[u8]) {
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(name.as_bytes());
-        let mid = self.bytes.len();
-        self.bytes.extend_from_slice(value);
-        self.fields.push((start, mid, self.bytes.len()));
+        self.names.push_str(name);
+        self.values.extend_from_slice(value);
+        self.ends
+            .push((self.names.len() as u32, self.values.len() as u32));
     }
 
     /// Every field as (name, value), in the order sent.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
-        self.fields.iter().map(|&(a, b, c)| {
-            // Names were `&str` when pushed, so this never falls back.
-            let name = std::str::from_utf8(&self.bytes[a..b]).unwrap_or_default();
-            (name, &self.bytes[b..c])
+        let mut start = (0, 0);
+        self.ends.iter().map(move |&(n, v)| {
+            let (n, v) = (n as usize, v as usize);
+            let field = (&self.names[start.0..n], &self.values[start.1..v]);
+            start = (n, v);
+            field
         })
     }
 
     /// The values of every field named `name` (ASCII case-insensitive), in the order sent.
-    /// Compares bytes: a lookup decodes no name and allocates nothing.
+    /// Compares bytes: a lookup decodes nothing and allocates nothing.
     pub fn values<'s: 'n, 'n>(&'s self, name: &'n str) -> impl Iterator<Item = &'s [u8]> + 'n {
-        self.fields
-            .iter()
-            .filter(move |&&(a, b, _)| self.bytes[a..b].eq_ignore_ascii_case(name.as_bytes()))
-            .map(|&(_, b, c)| &self.bytes[b..c])
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
     }
 }
 
@@ -339,12 +343,16 @@ pub struct ClientInfo {
 /// httparse accepted them, and `headers.set` is validated at load: no CR/LF can get in.
 pub fn upstream_request(
     head: &RequestHead,
-    authority: &str,
+    backend: std::net::SocketAddr,
     client: ClientInfo,
     cfg: &HeadersConfig,
     pass_extensions: bool,
 ) -> Vec<u8> {
-    let host = head.header("host").unwrap_or(authority);
+    // A request without Host (HTTP/1.0) gets the backend's address.
+    let host: std::borrow::Cow<'_, str> = match head.header("host") {
+        Some(h) => h.into(),
+        None => backend.to_string().into(),
+    };
     let key = head.header("sec-websocket-key").unwrap_or_default();
     let mut out = Vec::with_capacity(512);
     put_line(&mut out, &head.target);
@@ -649,7 +657,13 @@ mod tests {
                 .unwrap()
                 .0
         };
-        let bytes = upstream_request(&head(&h), "127.0.0.1:8010", client, &cfg, false);
+        let bytes = upstream_request(
+            &head(&h),
+            ([127, 0, 0, 1], 8010).into(),
+            client,
+            &cfg,
+            false,
+        );
         let req = parse(bytes);
         let hv = |n: &str| {
             req.headers
@@ -675,7 +689,7 @@ mod tests {
         assert!(hv("x-drop").is_empty());
         assert_eq!(hv("connection"), ["Upgrade"]);
         assert_eq!(hv("sec-websocket-key"), ["dGhlIHNhbXBsZSBub25jZQ=="]);
-        let tunnel = upstream_request(&head(&h), "b", client, &cfg, true);
+        let tunnel = upstream_request(&head(&h), ([127, 0, 0, 1], 8011).into(), client, &cfg, true);
         assert_eq!(
             parse(tunnel).header("sec-websocket-extensions"),
             Some("permessage-deflate")

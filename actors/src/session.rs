@@ -560,10 +560,9 @@ impl Run {
                     lease.switch_to(Arc::clone(b));
                 }
             }
-            let authority = b.addr.to_string();
             let request = handshake::upstream_request(
                 head,
-                &authority,
+                b.addr,
                 client,
                 &self.config.headers,
                 mode == Mode::Tunnel,
