@@ -214,6 +214,21 @@ count_syscalls() { # target msgs outfile
 # User and kernel clock ticks of all of pid $1's threads so far.
 ticks() { awk '{u += $14; s += $15} END {print u, s}' /proc/"$1"/task/*/stat; }
 
+# Instructions counted in callgrind output $1.
+cg_total() { grep -h '^summary:' "$1" | awk '{print $2}'; }
+
+# Annotated listings of callgrind output $1: $2-inclusive.txt and $2-self.txt.
+cg_annotate() {
+    callgrind_annotate --inclusive=yes "$1" >"$2-inclusive.txt" 2>/dev/null || true
+    callgrind_annotate "$1" >"$2-self.txt" 2>/dev/null || true
+}
+
+# The top 25 symbols (dso, symbol) of perf recording $1, into $2.
+perf_top() {
+    perf report -i "$1" --no-children --sort dso,sym --stdio 2>/dev/null |
+        grep -E '^ +[0-9.]+%' | head -25 >"$2" || true
+}
+
 case "$MODE" in
     syscalls)
         printf '%-16s %-26s %s\n' target syscall per_message | tee "$OUT/syscalls.txt"
@@ -234,28 +249,25 @@ case "$MODE" in
                 load "$n"
                 stop_wait "$STOPPID" 60
             done
-            a=$(grep -h '^summary:' "$OUT/$t-$SHORT.callgrind" | awk '{print $2}')
-            b=$(grep -h '^summary:' "$OUT/$t-$LONG.callgrind" | awk '{print $2}')
+            a=$(cg_total "$OUT/$t-$SHORT.callgrind")
+            b=$(cg_total "$OUT/$t-$LONG.callgrind")
             per=$(( (b - a) / ((LONG - SHORT) * CONNS) ))
             echo "$t: $per user-space instructions per echoed 64 B message (both directions)" | tee -a "$OUT/summary.txt"
-            callgrind_annotate --inclusive=yes "$OUT/$t-$LONG.callgrind" >"$OUT/$t-inclusive.txt" 2>/dev/null || true
-            callgrind_annotate "$OUT/$t-$LONG.callgrind" >"$OUT/$t-self.txt" 2>/dev/null || true
+            cg_annotate "$OUT/$t-$LONG.callgrind" "$OUT/$t"
         done ;;
     callgrind-handshake)
         for t in $TARGETS; do
             declare -A SESS=()
             for secs in 2 8; do
                 WRAP="valgrind --tool=callgrind --callgrind-out-file=$OUT/$t-hs$secs.callgrind" start "$t"
-                SESS[$secs]=$("$LOADGEN" handshake --addr "127.0.0.1:$PPORT" --conns 10 --secs "$secs" \
-                    --target profile | jq -r '.sessions')
+                SESS[$secs]=$(hs_load "$secs")
                 stop_wait "$STOPPID" 60
             done
-            a=$(grep -h '^summary:' "$OUT/$t-hs2.callgrind" | awk '{print $2}')
-            b=$(grep -h '^summary:' "$OUT/$t-hs8.callgrind" | awk '{print $2}')
+            a=$(cg_total "$OUT/$t-hs2.callgrind")
+            b=$(cg_total "$OUT/$t-hs8.callgrind")
             per=$(( (b - a) / (SESS[8] - SESS[2]) ))
             echo "$t: $per user-space instructions per session (${SESS[2]} and ${SESS[8]} sessions)" | tee -a "$OUT/summary.txt"
-            callgrind_annotate --inclusive=yes "$OUT/$t-hs8.callgrind" >"$OUT/$t-hs-inclusive.txt" 2>/dev/null || true
-            callgrind_annotate "$OUT/$t-hs8.callgrind" >"$OUT/$t-hs-self.txt" 2>/dev/null || true
+            cg_annotate "$OUT/$t-hs8.callgrind" "$OUT/$t-hs"
         done ;;
     syscalls-handshake)
         # Counted over one load, after the proxy has started (its setup is not counted);
@@ -311,8 +323,7 @@ case "$MODE" in
             sleep 0.3
             n=$(hs_load "$HS_SECS")
             stop_wait "$hs_perf" 10 INT
-            perf report -i "$OUT/$t-hs.perf" --no-children --sort dso,sym --stdio 2>/dev/null |
-                grep -E '^ +[0-9.]+%' | head -25 >"$OUT/$t-hs-kernel.txt" || true
+            perf_top "$OUT/$t-hs.perf" "$OUT/$t-hs-kernel.txt"
             # A syscall's time is its entry point's inclusive share. Some entry points are tail
             # calls, rarely on the stack: for those their callee counts (the larger of the two).
             perf report -i "$OUT/$t-hs.perf" --children --sort sym --stdio -g none 2>/dev/null |
@@ -369,8 +380,7 @@ case "$MODE" in
             sleep 0.3
             load "$LONG"
             stop_wait "$local_perf" 10 INT
-            perf report -i "$OUT/$t.perf" --no-children --sort dso,sym --stdio 2>/dev/null |
-                grep -E '^ +[0-9.]+%' | head -25 >"$OUT/$t-kernel.txt" || true
+            perf_top "$OUT/$t.perf" "$OUT/$t-kernel.txt"
             stop_wait "$STOPPID" 5
         done ;;
     *) echo "usage: bench/profile.sh syscalls|cpu|callgrind|callgrind-handshake|syscalls-handshake|cpu-handshake|massif [targets]" >&2; exit 2 ;;

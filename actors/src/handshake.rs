@@ -502,10 +502,14 @@ pub fn switching_protocols(accept: &str, backend: &ResponseHead, pass_extensions
     out
 }
 
-/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2): computed once per
-/// handshake, it checks the backend's 101 and answers the client.
-pub fn accept_key(key: &str) -> String {
-    derive_accept_key(key.as_bytes())
+/// `Sec-WebSocket-Accept` for the request's `Sec-WebSocket-Key` (RFC 6455 §4.2.2): computed
+/// once per handshake, it checks the backend's 101 and answers the client.
+pub fn accept_key(head: &RequestHead) -> String {
+    derive_accept_key(
+        head.header("sec-websocket-key")
+            .unwrap_or_default()
+            .as_bytes(),
+    )
 }
 
 /// A complete short HTTP/1.1 response that closes the connection.
@@ -699,7 +703,7 @@ mod tests {
     /// RFC 6455 §1.3's example; the 101 carries exactly this value.
     #[test]
     fn accept_key_answers_the_client() {
-        let accept = accept_key("dGhlIHNhbXBsZSBub25jZQ==");
+        let accept = accept_key(&head(&[("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")]));
         assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         let backend = ResponseHead {
             status: 101,

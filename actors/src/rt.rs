@@ -96,22 +96,18 @@ impl TcpListener {
         use rustix::net::{acceptfrom_with, SocketFlags};
         let src = &*self.0;
         // accept4 with SOCK_NONBLOCK: no fcntl/ioctl afterwards (one syscall per session).
-        let (fd, peer) = std::future::poll_fn(|cx| loop {
-            src.read.take();
-            match acceptfrom_with(&src.io, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
-                Ok((fd, Some(peer))) => match SocketAddr::try_from(peer) {
-                    Ok(peer) => return Poll::Ready(Ok((fd, peer))),
-                    Err(_) => drop(fd), // not an IP peer: cannot happen on a TCP listener
-                },
-                Ok((fd, None)) => drop(fd),
-                Err(rustix::io::Errno::AGAIN) => {
-                    if src.read.poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
+        let (fd, peer) = std::future::poll_fn(|cx| {
+            src.read.poll_io(cx, || loop {
+                match acceptfrom_with(&src.io, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+                    Ok((fd, Some(peer))) => match SocketAddr::try_from(peer) {
+                        Ok(peer) => return Ok((fd, peer)),
+                        Err(_) => drop(fd), // not an IP peer: cannot happen on a TCP listener
+                    },
+                    Ok((fd, None)) => drop(fd),
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(io::Error::from(e)), // EAGAIN: WouldBlock
                 }
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Poll::Ready(Err(io::Error::from(e))),
-            }
+            })
         })
         .await?;
         Ok((
@@ -170,18 +166,7 @@ impl TcpStream {
     /// Waits for data and copies it without consuming it.
     pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         let src = &*self.0;
-        std::future::poll_fn(|cx| loop {
-            src.read.take();
-            match src.io.peek(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if src.read.poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                }
-                res => return Poll::Ready(res),
-            }
-        })
-        .await
+        std::future::poll_fn(|cx| src.read.poll_io(cx, || src.io.peek(buf))).await
     }
 }
 
@@ -223,17 +208,7 @@ impl AsyncWrite for TcpStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let src = &*self.0;
-        loop {
-            src.write.take();
-            match (&src.io).write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if src.write.poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                }
-                res => return Poll::Ready(res),
-            }
-        }
+        src.write.poll_io(cx, || (&src.io).write(buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

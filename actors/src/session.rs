@@ -285,7 +285,7 @@ impl Run {
 
         let tunnel = self.config.relay_for(&route.pool) == RelayMode::Tunnel;
         let mode = if tunnel { Mode::Tunnel } else { Mode::Message };
-        let accept = handshake::accept_key(head.header("sec-websocket-key").unwrap_or_default());
+        let accept = handshake::accept_key(&head);
         let Some(upstream) = self.connect(&route.pool, &head, &accept, mode).await else {
             return false;
         };
@@ -613,7 +613,7 @@ impl Run {
             return Err("no request to replay".into());
         };
         let lost = self.backends_used.last().copied();
-        let accept = handshake::accept_key(head.header("sec-websocket-key").unwrap_or_default());
+        let accept = handshake::accept_key(&head);
         let result = self
             .dial_walk(
                 &pool,

@@ -53,6 +53,26 @@ impl Readiness {
         self.ready.swap(false, Ordering::AcqRel)
     }
 
+    /// Attempts `op` until it does not fail with `WouldBlock`, waiting for this direction's
+    /// next event in between (the event is consumed before each attempt).
+    pub fn poll_io<T>(
+        &self,
+        cx: &mut Context<'_>,
+        mut op: impl FnMut() -> io::Result<T>,
+    ) -> Poll<io::Result<T>> {
+        loop {
+            self.take();
+            match op() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+                res => return Poll::Ready(res),
+            }
+        }
+    }
+
     /// `Ready` (the event consumed) once an event is pending; otherwise registers the waker.
     pub fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.take() {

@@ -47,13 +47,8 @@ impl Timer {
     pub fn set_after(&mut self, d: Duration) {
         let w = wheel();
         let mut inner = w.lock();
-        let tick = w.tick_up(Instant::now() + d);
         inner.unlink(self.key);
-        let wake = inner.link(self.key, tick);
-        drop(inner);
-        if wake {
-            w.driver.wake();
-        }
+        w.link(inner, self.key, Instant::now() + d);
     }
 }
 
@@ -272,8 +267,17 @@ impl Wheel {
         (t.saturating_duration_since(self.origin).as_nanos() / TICK.as_nanos()) as u64
     }
 
+    /// Links `key` for `when` and releases the lock; wakes the driver if `when` is now the
+    /// earliest deadline.
+    fn link(&self, mut inner: MutexGuard<'_, Inner>, key: u32, when: Instant) {
+        let wake = inner.link(key, self.tick_up(when));
+        drop(inner);
+        if wake {
+            self.driver.wake();
+        }
+    }
+
     fn arm(&self, when: Instant) -> (u32, u32) {
-        let tick = self.tick_up(when);
         let mut inner = self.lock();
         let key = match inner.free.pop() {
             Some(k) => k,
@@ -294,11 +298,7 @@ impl Wheel {
             e.generation = e.generation.wrapping_add(1);
             e.generation
         };
-        let wake = inner.link(key, tick);
-        drop(inner);
-        if wake {
-            self.driver.wake();
-        }
+        self.link(inner, key, when);
         (key, generation)
     }
 }
