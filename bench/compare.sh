@@ -7,7 +7,8 @@
 # Options (after --quick they override its values):
 #   --reps N  --closed-secs S  --open-secs S  --open-rate R  --conns N  --sizes "64 65536"
 #   --idle-sessions N  --idle-hold S  --idle-procs N  --hs-secs S  --hs-conns N
-#   --targets "direct wsgate-message wsgate-tunnel nginx haproxy"
+#   --targets "direct wsgate-message wsgate-tunnel nginx haproxy"   (the default; add
+#              "floor" for floor-proxy, the least a proxy on wsgate's runtime can do)
 #   --tests "closed open idle handshake"   --no-build   --out FILE.json
 #   --quiet-budget S   total seconds the run may wait, before runs, for other processes on
 #                      the machine to go quiet (default 20; 0 = never wait)
@@ -43,7 +44,7 @@ while [ $# -gt 0 ]; do
         --quiet-budget) QUIET_BUDGET=$2; shift ;;
         --no-build) BUILD=0 ;;
         --out) OUT=$2; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -69,6 +70,7 @@ fi
 WSGATE=$ROOT/target/release/wsgate
 LOADGEN=$ROOT/target/release/loadgen
 ECHO=$ROOT/target/release/echo-backend
+FLOOR=$ROOT/target/release/floor-proxy
 for b in "$WSGATE" "$LOADGEN" "$ECHO"; do [ -x "$b" ] || { echo "missing $b" >&2; exit 1; }; done
 
 # ---------------------------------------------------------------- processes and cleanup
@@ -110,7 +112,7 @@ wait_log() {
 }
 
 BPORT=19080
-declare -A PORT=([direct]=$BPORT [wsgate-message]=19081 [wsgate-tunnel]=19082 [nginx]=19083 [haproxy]=19084)
+declare -A PORT=([direct]=$BPORT [wsgate-message]=19081 [wsgate-tunnel]=19082 [nginx]=19083 [haproxy]=19084 [floor]=19085)
 
 # ---------------------------------------------------------------- backend (own process)
 "$ECHO" --bind "127.0.0.1:$BPORT" --secs 3600 >"$TMP/echo.out" 2>"$TMP/echo.err" &
@@ -215,6 +217,16 @@ start_target() {
             PIDS+=("$TPID")
             "$LOADGEN" wait-port --addr "$TADDR" --timeout-ms 10000
             ;;
+        floor)
+            [ -x "$FLOOR" ] || { echo "missing $FLOOR" >&2; exit 1; }
+            : >"$TMP/floor.err"
+            ASYNC_STD_THREAD_COUNT=1 "$FLOOR" --listen "$TADDR" --backend "127.0.0.1:$BPORT" \
+                2>"$TMP/floor.err" >/dev/null &
+            TPID=$!
+            PIDS+=("$TPID")
+            wait_log "$TMP/floor.err" "listening on"
+            ;;
+        *) echo "unknown target: $t" >&2; exit 2 ;;
     esac
 }
 

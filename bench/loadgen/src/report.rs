@@ -1,23 +1,28 @@
 //! `loadgen report RESULTS.jsonl [--json OUT.json] [--note TEXT]`: one markdown table of
 //! medians over the repetitions, with min–max, and wsgate/nginx, wsgate/haproxy ratios
 //! computed per repetition (the runs of one repetition were interleaved, so they saw the same
-//! machine drift) and then summarised the same way.
+//! machine drift) and then summarised the same way. A column (and its ratios) appears when the
+//! records have that target: `floor` (bench/compare.sh `--targets "... floor ..."`) only when
+//! asked for.
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
-const TARGETS: [&str; 5] = [
+const TARGETS: [&str; 6] = [
     "direct",
     "wsgate-message",
     "wsgate-tunnel",
+    "floor",
     "nginx",
     "haproxy",
 ];
-const RATIOS: [(&str, &str); 4] = [
+const RATIOS: [(&str, &str); 6] = [
     ("wsgate-message", "nginx"),
     ("wsgate-message", "haproxy"),
     ("wsgate-tunnel", "nginx"),
     ("wsgate-tunnel", "haproxy"),
+    ("floor", "nginx"),
+    ("floor", "haproxy"),
 ];
 
 fn get(v: &Value, path: &str) -> Option<f64> {
@@ -203,6 +208,14 @@ pub fn main(args: Vec<String>) -> i32 {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
+    let present: Vec<&str> = TARGETS
+        .into_iter()
+        .filter(|t| recs.iter().any(|r| r["target"] == *t))
+        .collect();
+    let ratios: Vec<(&str, &str)> = RATIOS
+        .into_iter()
+        .filter(|(a, b)| present.contains(a) && present.contains(b))
+        .collect();
     let mut sizes: Vec<u64> = recs
         .iter()
         .filter(|r| r["test"] == "closed")
@@ -271,11 +284,11 @@ pub fn main(args: Vec<String>) -> i32 {
     let mut out = String::new();
     let mut head = String::from("| figure |");
     let mut sep = String::from("|---|");
-    for t in TARGETS {
+    for &t in &present {
         head += &format!(" {t} |");
         sep += "---:|";
     }
-    for (a, b) in RATIOS {
+    for &(a, b) in &ratios {
         let a = a.replace("wsgate-", "");
         head += &format!(" {a}/{b} |");
         sep += "---:|";
@@ -288,7 +301,7 @@ pub fn main(args: Vec<String>) -> i32 {
     for (row, per) in rows.iter().zip(&vals) {
         let mut line = format!("| {} |", row.label);
         let mut js = json!({"figure": row.label});
-        for t in TARGETS {
+        for &t in &present {
             let v: Vec<f64> = per
                 .get(t)
                 .map(|m| m.values().copied().collect())
@@ -297,7 +310,7 @@ pub fn main(args: Vec<String>) -> i32 {
             line += &format!(" {s} |");
             js[t] = j;
         }
-        for (a, b) in RATIOS {
+        for &(a, b) in &ratios {
             if row.test == "*" {
                 line += " |";
                 continue;
@@ -322,7 +335,7 @@ pub fn main(args: Vec<String>) -> i32 {
     // Faults, summed over every record of each target.
     let mut line = String::from("| failures: connect/errors/lost/mismatch (all runs) |");
     let mut fj = json!({});
-    for t in TARGETS {
+    for &t in &present {
         let mut f = [0u64; 4];
         for r in recs.iter().filter(|r| r["target"] == t) {
             for (i, k) in ["connect_fail", "errors", "lost", "mismatch"]
@@ -335,7 +348,7 @@ pub fn main(args: Vec<String>) -> i32 {
         line += &format!(" {}/{}/{}/{} |", f[0], f[1], f[2], f[3]);
         fj[t] = json!(f);
     }
-    for _ in RATIOS {
+    for _ in &ratios {
         line += " |";
     }
     out += &line;
