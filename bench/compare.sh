@@ -13,6 +13,8 @@
 #   --quiet-budget S   total seconds the run may wait, before runs, for other processes on
 #                      the machine to go quiet (default 20; 0 = never wait)
 #   --hs-direct   also measure the handshake rate direct to the backend (+20 s per repetition)
+#   --pin         proxies on the last CPU, the backend and the load generator on the others
+#                 (taskset); without it the scheduler places everything
 #
 # Every proxy runs on one worker thread/process. Every process it starts is killed on exit.
 # Prints one markdown table; raw records go to bench/results/<stamp>.jsonl and .json.
@@ -23,7 +25,7 @@ REPS=3 CLOSED_SECS=10 OPEN_SECS=4 OPEN_RATE=5000 CONNS=50 SIZES="64 65536"
 IDLE_SESSIONS=9000 IDLE_HOLD=10 IDLE_PROCS=6 HS_SECS=20 HS_CONNS=50
 TARGETS="direct wsgate-message wsgate-tunnel nginx haproxy"
 TESTS="closed open idle handshake"
-BUILD=1 OUT="" MODE=full HS_DIRECT=0 QUIET_BUDGET=20
+BUILD=1 OUT="" MODE=full HS_DIRECT=0 QUIET_BUDGET=20 PIN=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) MODE=quick REPS=1 CLOSED_SECS=3 OPEN_SECS=3 IDLE_SESSIONS=2000 IDLE_HOLD=3 HS_SECS=5 ;;
@@ -41,10 +43,11 @@ while [ $# -gt 0 ]; do
         --targets) TARGETS=$2; shift ;;
         --tests) TESTS=$2; shift ;;
         --hs-direct) HS_DIRECT=1 ;;
+        --pin) PIN=1 ;;
         --quiet-budget) QUIET_BUDGET=$2; shift ;;
         --no-build) BUILD=0 ;;
         --out) OUT=$2; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -72,6 +75,14 @@ LOADGEN=$ROOT/target/release/loadgen
 ECHO=$ROOT/target/release/echo-backend
 FLOOR=$ROOT/target/release/floor-proxy
 for b in "$WSGATE" "$LOADGEN" "$ECHO"; do [ -x "$b" ] || { echo "missing $b" >&2; exit 1; }; done
+
+# --pin: command prefixes placing the proxy, and everything else we start, on their CPUs.
+ON_PROXY_CPU=() ON_OTHER_CPUS=()
+if [ "$PIN" = 1 ]; then
+    LAST_CPU=$(( $(nproc) - 1 ))
+    [ "$LAST_CPU" -ge 1 ] || { echo "--pin needs 2 CPUs or more" >&2; exit 2; }
+    ON_PROXY_CPU=(taskset -c "$LAST_CPU") ON_OTHER_CPUS=(taskset -c "0-$((LAST_CPU - 1))")
+fi
 
 # ---------------------------------------------------------------- processes and cleanup
 TMP=$(mktemp -d /tmp/wsgate-bench.XXXXXX)
@@ -115,7 +126,7 @@ BPORT=19080
 declare -A PORT=([direct]=$BPORT [wsgate-message]=19081 [wsgate-tunnel]=19082 [nginx]=19083 [haproxy]=19084 [floor]=19085)
 
 # ---------------------------------------------------------------- backend (own process)
-"$ECHO" --bind "127.0.0.1:$BPORT" --secs 3600 >"$TMP/echo.out" 2>"$TMP/echo.err" &
+"${ON_OTHER_CPUS[@]}" "$ECHO" --bind "127.0.0.1:$BPORT" --secs 3600 >"$TMP/echo.out" 2>"$TMP/echo.err" &
 BACKEND_PID=$!
 PIDS+=("$BACKEND_PID")
 wait_log "$TMP/echo.out" "listening on"
@@ -200,19 +211,19 @@ start_target() {
             : >"$d/stderr"
             # Per-session access lines off (as nginx's access_log off); the listener line stays.
             ASYNC_STD_THREAD_COUNT=1 RUST_LOG="warn,wsgate_actors=info,wsgate_actors::session=warn" \
-                "$WSGATE" --config "$d/config.json" 2>"$d/stderr" >/dev/null &
+                "${ON_PROXY_CPU[@]}" "$WSGATE" --config "$d/config.json" 2>"$d/stderr" >/dev/null &
             TPID=$!
             PIDS+=("$TPID")
             wait_log "$d/stderr" "listening on"
             ;;
         nginx)
-            nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" 2>"$TMP/nginx/stderr" &
+            "${ON_PROXY_CPU[@]}" nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" 2>"$TMP/nginx/stderr" &
             TPID=$!
             PIDS+=("$TPID")
             "$LOADGEN" wait-port --addr "$TADDR" --timeout-ms 10000
             ;;
         haproxy)
-            haproxy -db -f "$TMP/haproxy/haproxy.cfg" >"$TMP/haproxy/stdout" 2>"$TMP/haproxy/stderr" &
+            "${ON_PROXY_CPU[@]}" haproxy -db -f "$TMP/haproxy/haproxy.cfg" >"$TMP/haproxy/stdout" 2>"$TMP/haproxy/stderr" &
             TPID=$!
             PIDS+=("$TPID")
             "$LOADGEN" wait-port --addr "$TADDR" --timeout-ms 10000
@@ -220,7 +231,7 @@ start_target() {
         floor)
             [ -x "$FLOOR" ] || { echo "missing $FLOOR" >&2; exit 1; }
             : >"$TMP/floor.err"
-            ASYNC_STD_THREAD_COUNT=1 "$FLOOR" --listen "$TADDR" --backend "127.0.0.1:$BPORT" \
+            ASYNC_STD_THREAD_COUNT=1 "${ON_PROXY_CPU[@]}" "$FLOOR" --listen "$TADDR" --backend "127.0.0.1:$BPORT" \
                 2>"$TMP/floor.err" >/dev/null &
             TPID=$!
             PIDS+=("$TPID")
@@ -243,6 +254,7 @@ NOTE="Machine: $NPROC cores ($CPU), kernel $KERNEL, ulimit -n $(ulimit -n); the 
 Proxies on one worker: wsgate ($WSGATE_REV) ASYNC_STD_THREAD_COUNT=1, nginx $NGINX_V worker_processes 1, haproxy $HAPROXY_V nbthread 1. \
 Mode: $MODE; reps $REPS; closed loop $CONNS conns x ${CLOSED_SECS}s sizes [$SIZES]; open loop $OPEN_RATE msg/s over $CONNS conns x ${OPEN_SECS}s (64 B); \
 idle $IDLE_SESSIONS sessions held ${IDLE_HOLD}s; handshake $HS_CONNS concurrent x ${HS_SECS}s."
+[ "$PIN" = 1 ] && NOTE="$NOTE Pinned (--pin): proxies on CPU $LAST_CPU, backend and load generator on CPUs 0-$((LAST_CPU - 1))."
 
 mkdir -p "$ROOT/bench/results"
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -268,7 +280,7 @@ run() { # test target rep extra-args...
     local pidarg=()
     [ -n "$TPID" ] && pidarg=(--pid "$TPID")
     local rec
-    if rec=$("$LOADGEN" "$test" --addr "$TADDR" --target "$t" --rep "$rep" --backend-pid "$BACKEND_PID" "${pidarg[@]}" "$@" 2>>"$ERRLOG"); then
+    if rec=$("${ON_OTHER_CPUS[@]}" "$LOADGEN" "$test" --addr "$TADDR" --target "$t" --rep "$rep" --backend-pid "$BACKEND_PID" "${pidarg[@]}" "$@" 2>>"$ERRLOG"); then
         echo "$rec" >>"$RESULTS"
         log "rep $rep $test $* $t: $(echo "$rec" | jq -c '{rate, p50: .latency.p50_us, p99: .latency.p99_us, cpu: .proxy_cpu_s, rss_per_session: .rss_bytes_per_session, other_cores: .foreign_cores, faults} | with_entries(select(.value != null))' 2>/dev/null || echo "$rec")"
     else
