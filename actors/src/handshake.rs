@@ -364,17 +364,35 @@ pub fn upstream_request(
     let key = head.header("sec-websocket-key").unwrap_or_default();
     let mut out = Vec::with_capacity(512);
     put_line(&mut out, &head.target);
-    let mut put = |name: &str, value: &[u8]| {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    };
-    put("Host", host.as_bytes());
-    put("Connection", b"Upgrade");
-    put("Upgrade", b"websocket");
-    put("Sec-WebSocket-Version", b"13");
-    put("Sec-WebSocket-Key", key.as_bytes());
+    put_field(&mut out, "Host", host.as_bytes());
+    put_field(&mut out, "Connection", b"Upgrade");
+    put_field(&mut out, "Upgrade", b"websocket");
+    put_field(&mut out, "Sec-WebSocket-Version", b"13");
+    put_field(&mut out, "Sec-WebSocket-Key", key.as_bytes());
+    put_client_fields(&mut out, head, client, cfg, |name| {
+        let is = |other: &str| name.eq_ignore_ascii_case(other);
+        let passed =
+            is("sec-websocket-protocol") || (pass_extensions && is("sec-websocket-extensions"));
+        is_reserved_upstream_header(name) && !passed
+    });
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// The client's end-to-end header fields as a proxy passes them on, then the gateway's own:
+/// with `cfg.forwarded`, `X-Forwarded-For` (every one the client sent, joined, then the
+/// client's IP), `X-Forwarded-Proto`, `X-Forwarded-Host` (the client's `Host`, when it sent
+/// one) and `X-Real-IP`; then `cfg.set`. Never passed on: hop-by-hop fields, those the
+/// client's `Connection` field names (RFC 9110 §7.6.1), the `X-Forwarded-*` the gateway
+/// writes, those `cfg.set` replaces, and those `own` says the caller writes itself. The
+/// upgrade request and the HTTP pass-through's request both end with these.
+pub fn put_client_fields(
+    out: &mut Vec<u8>,
+    head: &RequestHead,
+    client: ClientInfo,
+    cfg: &HeadersConfig,
+    own: impl Fn(&str) -> bool,
+) {
     const FORWARDED: [&str; 4] = [
         "x-forwarded-for",
         "x-forwarded-proto",
@@ -382,51 +400,49 @@ pub fn upstream_request(
         "x-real-ip",
     ];
     let is = |name: &str, other: &str| name.eq_ignore_ascii_case(other);
-    // The fields the client's Connection header names are hop-by-hop too (RFC 9110 §7.6.1).
     let connection: Vec<&[u8]> = head.headers.values("connection").collect();
-    let mut xff: Option<String> = None;
+    let mut chain: Vec<String> = Vec::new(); // the client's X-Forwarded-For values
     for (name, value) in head.headers.iter() {
-        let pass_ext = pass_extensions && is(name, "sec-websocket-extensions");
-        let protocol = is(name, "sec-websocket-protocol");
-        if (is_reserved_upstream_header(name) && !pass_ext && !protocol)
+        if is_hop_by_hop(name)
+            || own(name)
             || connection.iter().any(|v| list_has(v, name.as_bytes()))
         {
             continue;
         }
         if cfg.forwarded && FORWARDED.iter().any(|f| is(name, f)) {
-            if is(name, "x-forwarded-for") {
-                let v = String::from_utf8_lossy(value);
-                xff = Some(match xff {
-                    Some(prev) => format!("{prev}, {}", v.trim()),
-                    None => v.trim().to_string(),
-                });
+            let v = String::from_utf8_lossy(value);
+            if is(name, "x-forwarded-for") && !v.trim().is_empty() {
+                chain.push(v.trim().to_string());
             }
             continue;
         }
         if cfg.set.keys().any(|k| is(name, k)) {
             continue;
         }
-        put(name, value);
+        put_field(out, name, value);
     }
     if cfg.forwarded {
         let ip = client.ip.to_string();
-        let xff = match xff {
-            Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-            _ => ip.clone(),
-        };
-        put("X-Forwarded-For", xff.as_bytes());
-        put(
-            "X-Forwarded-Proto",
-            if client.tls { b"https" } else { b"http" },
-        );
-        put("X-Forwarded-Host", host.as_bytes());
-        put("X-Real-IP", ip.as_bytes());
+        chain.push(ip.clone());
+        put_field(out, "X-Forwarded-For", chain.join(", ").as_bytes());
+        let proto: &[u8] = if client.tls { b"https" } else { b"http" };
+        put_field(out, "X-Forwarded-Proto", proto);
+        if let Some(host) = head.header("host") {
+            put_field(out, "X-Forwarded-Host", host.as_bytes());
+        }
+        put_field(out, "X-Real-IP", ip.as_bytes());
     }
     for (k, v) in &cfg.set {
-        put(k, v.as_bytes());
+        put_field(out, k, v.as_bytes());
     }
+}
+
+/// One header field line.
+pub fn put_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 fn put_line(out: &mut Vec<u8>, target: &str) {

@@ -4,7 +4,9 @@
 //! Request bodies are framed by `Content-Length` or by chunked encoding, whose chunk-size
 //! lines and trailers are parsed by httparse; bodies pass through unchanged.
 
-use crate::handshake::{is_hop_by_hop, read_response_head, ClientInfo, RequestHead};
+use crate::handshake::{
+    is_hop_by_hop, put_client_fields, put_field, read_response_head, ClientInfo, RequestHead,
+};
 use crate::transport::{BackendStream, ClientStream};
 use futures::{AsyncReadExt, AsyncWriteExt};
 
@@ -44,61 +46,17 @@ pub fn body_of(head: &RequestHead) -> Result<Body, String> {
     }
 }
 
-/// The request head sent to the backend: method, target and end-to-end headers as the client
-/// sent them, `X-Forwarded-*` when configured, `headers.set`, and `Connection: close`.
+/// The request head sent to the backend: method and target as the client sent them, its
+/// end-to-end headers, `X-Forwarded-*` and `headers.set` as for an upgrade
+/// ([`put_client_fields`]), and `Connection: close`.
 pub fn request_head(
     head: &RequestHead,
     client: ClientInfo,
     cfg: &crate::config::HeadersConfig,
 ) -> Vec<u8> {
     let mut out = format!("{} {} HTTP/1.1\r\n", head.method, head.target).into_bytes();
-    let forwarded = [
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-real-ip",
-    ];
-    let mut xff = None;
-    for (name, value) in head.headers.iter() {
-        let lname = name.to_ascii_lowercase();
-        if is_hop_by_hop(&lname) || head.header_has_token("connection", &lname) {
-            continue;
-        }
-        if cfg.forwarded && forwarded.contains(&lname.as_str()) {
-            if lname == "x-forwarded-for" {
-                xff = Some(String::from_utf8_lossy(value).trim().to_string());
-            }
-            continue;
-        }
-        if cfg.set.keys().any(|k| k.eq_ignore_ascii_case(name)) {
-            continue;
-        }
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
-    let mut add = |k: &str, v: &str| out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
-    if cfg.forwarded {
-        let ip = client.ip.to_string();
-        add(
-            "X-Forwarded-For",
-            &xff.filter(|x| !x.is_empty())
-                .map_or(ip.clone(), |x| format!("{x}, {ip}")),
-        );
-        add(
-            "X-Forwarded-Proto",
-            if client.tls { "https" } else { "http" },
-        );
-        if let Some(h) = head.header("host") {
-            add("X-Forwarded-Host", h);
-        }
-        add("X-Real-IP", &ip);
-    }
-    for (k, v) in &cfg.set {
-        add(k, v);
-    }
-    add("Connection", "close");
+    put_client_fields(&mut out, head, client, cfg, |_| false);
+    put_field(&mut out, "Connection", b"close");
     out.extend_from_slice(b"\r\n");
     out
 }
@@ -281,6 +239,7 @@ async fn relay_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handshake::upstream_request;
 
     fn head(headers: &[(&str, &str)]) -> RequestHead {
         RequestHead {
@@ -335,5 +294,36 @@ mod tests {
         );
         assert!(!out.contains("X-Private") && !out.contains("keep-alive"));
         assert!(out.ends_with("Connection: close\r\n\r\n"));
+    }
+
+    /// The same rules as the upgrade request (`handshake::put_client_fields`): every
+    /// X-Forwarded-For the client sent, joined, and no X-Forwarded-Host without a Host.
+    #[test]
+    fn request_head_forwards_as_an_upgrade_does() {
+        let h = head(&[
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("X-Forwarded-For", " "),
+            ("X-Forwarded-For", "10.0.0.1, 10.0.0.2"),
+            ("X-Forwarded-Host", "spoofed"),
+        ]);
+        let client = ClientInfo {
+            ip: "127.0.0.5".parse().unwrap(),
+            tls: true,
+        };
+        let out = String::from_utf8(request_head(&h, client, &Default::default())).unwrap();
+        let xff = "X-Forwarded-For: 203.0.113.9, 10.0.0.1, 10.0.0.2, 127.0.0.5\r\n";
+        assert_eq!(out.matches("X-Forwarded-For").count(), 1, "{out}");
+        assert!(out.contains(xff), "{out}");
+        assert!(out.contains("X-Forwarded-Proto: https\r\n"), "{out}");
+        assert!(!out.contains("X-Forwarded-Host"), "{out}");
+        let ws = upstream_request(
+            &h,
+            ([127, 0, 0, 1], 9).into(),
+            client,
+            &Default::default(),
+            false,
+        );
+        let ws = String::from_utf8(ws).unwrap();
+        assert!(ws.contains(xff) && !ws.contains("X-Forwarded-Host"), "{ws}");
     }
 }
