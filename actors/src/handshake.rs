@@ -410,9 +410,11 @@ pub fn put_client_fields(
             continue;
         }
         if cfg.forwarded && FORWARDED.iter().any(|f| is(name, f)) {
-            let v = String::from_utf8_lossy(value);
-            if is(name, "x-forwarded-for") && !v.trim().is_empty() {
-                chain.push(v.trim().to_string());
+            if is(name, "x-forwarded-for") {
+                let v = String::from_utf8_lossy(value);
+                if !v.trim().is_empty() {
+                    chain.push(v.trim().to_string());
+                }
             }
             continue;
         }
