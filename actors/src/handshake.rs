@@ -39,6 +39,7 @@ use async_tungstenite::tungstenite::http;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use std::io;
 use std::net::IpAddr;
+use std::ops::Range;
 
 /// The largest request head a client may send (nginx's large_client_header_buffers order).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -160,15 +161,19 @@ impl Headers {
             .push((self.names.len() as u32, self.values.len() as u32));
     }
 
-    /// Every field as (name, value), in the order sent.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
+    /// Every field's name range in `names` and value range in `values`, in the order sent.
+    fn spans(&self) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + '_ {
         let mut start = (0, 0);
         self.ends.iter().map(move |&(n, v)| {
             let (n, v) = (n as usize, v as usize);
-            let field = (&self.names[start.0..n], &self.values[start.1..v]);
-            start = (n, v);
-            field
+            let (ns, vs) = std::mem::replace(&mut start, (n, v));
+            (ns..n, vs..v)
         })
+    }
+
+    /// Every field as (name, value), in the order sent.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
+        self.spans().map(|(n, v)| (&self.names[n], &self.values[v]))
     }
 
     /// The values of every field named `name` (ASCII case-insensitive), in the order sent.
@@ -177,13 +182,10 @@ impl Headers {
     /// up a dozen fields in each of its two heads; slicing every name first was ~300
     /// instructions a lookup, bench/profile.sh callgrind-handshake.)
     pub fn values<'s: 'n, 'n>(&'s self, name: &'n str) -> impl Iterator<Item = &'s [u8]> + 'n {
-        let (names, values) = (self.names.as_bytes(), &self.values[..]);
-        let mut start = (0, 0);
-        self.ends.iter().filter_map(move |&(n, v)| {
-            let (n, v) = (n as usize, v as usize);
-            let (ns, vs) = std::mem::replace(&mut start, (n, v));
-            (n - ns == name.len() && names[ns..n].eq_ignore_ascii_case(name.as_bytes()))
-                .then(|| &values[vs..v])
+        let names = self.names.as_bytes();
+        self.spans().filter_map(move |(n, v)| {
+            (n.len() == name.len() && names[n].eq_ignore_ascii_case(name.as_bytes()))
+                .then(|| &self.values[v])
         })
     }
 }
@@ -370,13 +372,20 @@ pub fn upstream_request(
     put_field(&mut out, "Sec-WebSocket-Version", b"13");
     put_field(&mut out, "Sec-WebSocket-Key", key.as_bytes());
     put_client_fields(&mut out, head, client, cfg, |name| {
-        let is = |other: &str| name.eq_ignore_ascii_case(other);
-        let passed =
-            is("sec-websocket-protocol") || (pass_extensions && is("sec-websocket-extensions"));
-        is_reserved_upstream_header(name) && !passed
+        gateway_writes(name, pass_extensions)
     });
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// Whether a handshake field is the gateway's to write, never copied from one side's head to
+/// the other: a reserved one ([`is_reserved_upstream_header`]) other than the subprotocol
+/// (passed both ways) and, with `pass_extensions` (tunnel relay), the extensions.
+fn gateway_writes(name: &str, pass_extensions: bool) -> bool {
+    let is = |other: &str| name.eq_ignore_ascii_case(other);
+    let passed =
+        is("sec-websocket-protocol") || (pass_extensions && is("sec-websocket-extensions"));
+    is_reserved_upstream_header(name) && !passed
 }
 
 /// The client's end-to-end header fields as a proxy passes them on, then the gateway's own:
@@ -460,9 +469,10 @@ pub struct Upgraded {
     pub rest: Vec<u8>,
 }
 
-/// Sends an upgrade request and reads the answer (the caller bounds it in time): `Ok` for a 101 that checks
-/// out (`accept`, the accept key the request's key calls for, `Upgrade`/`Connection`, a subprotocol the client offered); `Err(Ok(..))`
-/// for any other status, for the caller to judge (4xx passed to the client, 5xx retried);
+/// Sends an upgrade request and reads the answer (the caller bounds it in time): `Ok` for a
+/// 101 that checks out (`accept`, the accept key the request's key calls for,
+/// `Upgrade`/`Connection`, a subprotocol the client offered); `Err(Ok(..))` for any other
+/// status, for the caller to judge (4xx passed to the client, 5xx retried);
 /// `Err(Err(reason))` for transport and protocol problems. Whatever the backend sent after
 /// its head is kept, so nothing is swallowed by a library's buffer.
 pub async fn raw_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
@@ -514,11 +524,7 @@ pub fn switching_protocols(accept: &str, backend: &ResponseHead, pass_extensions
     out.extend_from_slice(b"\r\n");
     let is = |name: &str, other: &str| name.eq_ignore_ascii_case(other);
     for (name, value) in backend.headers.iter() {
-        let pass_ext = pass_extensions && is(name, "sec-websocket-extensions");
-        if (is_reserved_upstream_header(name) && !is(name, "sec-websocket-protocol") && !pass_ext)
-            || is(name, "date")
-            || is(name, "server")
-        {
+        if gateway_writes(name, pass_extensions) || is(name, "date") || is(name, "server") {
             continue;
         }
         out.extend_from_slice(name.as_bytes());

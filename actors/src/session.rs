@@ -571,7 +571,7 @@ impl Run {
             match dial(b, &request, accept, offered, timeouts.connect(), mode).await {
                 Ok(ok) => {
                     self.lease = lease;
-                    // Most sessions only ever have one: no room for four (an idle session's memory).
+                    // Most sessions only ever have one: no room for four (idle memory).
                     self.backends_used.reserve_exact(1);
                     self.backends_used.push(b.addr);
                     return Ok(ok);
