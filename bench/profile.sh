@@ -38,7 +38,7 @@ LONG=${LONG:-500}     # messages per connection, long run
 [ "$MODE" = cpu ] && SHORT=${SHORT_CPU:-100} LONG=${LONG_CPU:-2000}
 [ "$MODE" = massif ] && [ $# -eq 0 ] && TARGETS="wsgate-message wsgate-tunnel"
 [ "$MODE" = callgrind-handshake ] && [ $# -eq 0 ] && TARGETS="wsgate-message wsgate-tunnel nginx haproxy"
-HS_CONNS=10 HS_SECS=5 HS_REPS=3 # syscalls-handshake, cpu-handshake
+HS_CONNS=${HS_CONNS:-10} HS_SECS=${HS_SECS:-5} HS_REPS=${HS_REPS:-3} # syscalls-handshake, cpu-handshake
 
 WSGATE=$ROOT/target/release/wsgate
 LOADGEN=$ROOT/target/release/loadgen
