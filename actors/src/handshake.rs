@@ -1,36 +1,82 @@
 //! The HTTP side of a session: reading the client's upgrade request head, checking it,
 //! building the upstream request, and answering the client. Pure functions where possible.
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection and are never
-/// forwarded (the body-framing ones are handled by whoever frames the body).
-pub fn is_hop_by_hop(name: &str) -> bool {
-    const HOP_BY_HOP: &[&str] = &[
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "upgrade",
-    ];
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+/// What a header field's name is to the gateway, decided by one comparison (the candidates
+/// are told apart by length first): most names in a head are none of these, and each is
+/// asked about by every rule below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// Hop-by-hop (RFC 9110 §7.6.1): describes one connection, never forwarded (the
+    /// body-framing fields are handled by whoever frames the body).
+    HopByHop,
+    /// `Transfer-Encoding`, `Content-Length`.
+    Framing,
+    Host,
+    /// `Sec-WebSocket-Key`, `-Version` and `-Accept`.
+    Handshake,
+    Extensions,
+    Protocol,
+    ForwardedFor,
+    /// `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Real-IP`.
+    ForwardedOther,
+    Other,
 }
 
-/// Headers the gateway writes itself toward a backend: hop-by-hop headers, body framing,
-/// `Host`, and the WebSocket handshake's own. Never copied from the client or `headers.set`.
+/// Classifies a header field name (ASCII case-insensitive).
+pub fn field(name: &str) -> Field {
+    let is = |known: &str| name.eq_ignore_ascii_case(known);
+    match name.len() {
+        2 if is("te") => Field::HopByHop,
+        4 if is("host") => Field::Host,
+        7 if is("upgrade") || is("trailer") => Field::HopByHop,
+        9 if is("x-real-ip") => Field::ForwardedOther,
+        10 if is("connection") || is("keep-alive") => Field::HopByHop,
+        14 if is("content-length") => Field::Framing,
+        15 if is("x-forwarded-for") => Field::ForwardedFor,
+        16 if is("proxy-connection") => Field::HopByHop,
+        16 if is("x-forwarded-host") => Field::ForwardedOther,
+        17 if is("sec-websocket-key") => Field::Handshake,
+        17 if is("transfer-encoding") => Field::Framing,
+        17 if is("x-forwarded-proto") => Field::ForwardedOther,
+        18 if is("proxy-authenticate") => Field::HopByHop,
+        19 if is("proxy-authorization") => Field::HopByHop,
+        20 if is("sec-websocket-accept") => Field::Handshake,
+        21 if is("sec-websocket-version") => Field::Handshake,
+        22 if is("sec-websocket-protocol") => Field::Protocol,
+        24 if is("sec-websocket-extensions") => Field::Extensions,
+        _ => Field::Other,
+    }
+}
+
+impl Field {
+    /// Hop-by-hop headers (RFC 9110 §7.6.1).
+    pub fn is_hop_by_hop(self) -> bool {
+        self == Field::HopByHop
+    }
+
+    /// Headers the gateway writes itself toward a backend: hop-by-hop headers, body framing,
+    /// `Host`, and the WebSocket handshake's own. Never copied from the client or
+    /// `headers.set`.
+    pub fn is_reserved_upstream(self) -> bool {
+        !matches!(
+            self,
+            Field::Other | Field::ForwardedFor | Field::ForwardedOther
+        )
+    }
+
+    fn is_forwarded(self) -> bool {
+        matches!(self, Field::ForwardedFor | Field::ForwardedOther)
+    }
+}
+
+/// [`Field::is_hop_by_hop`] of a name.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    field(name).is_hop_by_hop()
+}
+
+/// [`Field::is_reserved_upstream`] of a name.
 pub fn is_reserved_upstream_header(name: &str) -> bool {
-    const OWN: &[&str] = &[
-        "transfer-encoding",
-        "content-length",
-        "host",
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-accept",
-        "sec-websocket-extensions",
-        "sec-websocket-protocol",
-    ];
-    is_hop_by_hop(name) || OWN.iter().any(|r| r.eq_ignore_ascii_case(name))
+    field(name).is_reserved_upstream()
 }
 
 use crate::config::HeadersConfig;
@@ -371,8 +417,8 @@ pub fn upstream_request(
     put_field(&mut out, "Upgrade", b"websocket");
     put_field(&mut out, "Sec-WebSocket-Version", b"13");
     put_field(&mut out, "Sec-WebSocket-Key", key.as_bytes());
-    put_client_fields(&mut out, head, client, cfg, |name| {
-        gateway_writes(name, pass_extensions)
+    put_client_fields(&mut out, head, client, cfg, |f| {
+        gateway_writes(f, pass_extensions)
     });
     out.extend_from_slice(b"\r\n");
     out
@@ -381,11 +427,12 @@ pub fn upstream_request(
 /// Whether a handshake field is the gateway's to write, never copied from one side's head to
 /// the other: a reserved one ([`is_reserved_upstream_header`]) other than the subprotocol
 /// (passed both ways) and, with `pass_extensions` (tunnel relay), the extensions.
-fn gateway_writes(name: &str, pass_extensions: bool) -> bool {
-    let is = |other: &str| name.eq_ignore_ascii_case(other);
-    let passed =
-        is("sec-websocket-protocol") || (pass_extensions && is("sec-websocket-extensions"));
-    is_reserved_upstream_header(name) && !passed
+fn gateway_writes(field: Field, pass_extensions: bool) -> bool {
+    match field {
+        Field::Protocol => false,
+        Field::Extensions => !pass_extensions,
+        f => f.is_reserved_upstream(),
+    }
 }
 
 /// The client's end-to-end header fields as a proxy passes them on, then the gateway's own:
@@ -400,52 +447,79 @@ pub fn put_client_fields(
     head: &RequestHead,
     client: ClientInfo,
     cfg: &HeadersConfig,
-    own: impl Fn(&str) -> bool,
+    own: impl Fn(Field) -> bool,
 ) {
-    const FORWARDED: [&str; 4] = [
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-real-ip",
-    ];
-    let is = |name: &str, other: &str| name.eq_ignore_ascii_case(other);
     let connection: Vec<&[u8]> = head.headers.values("connection").collect();
-    let mut chain: Vec<String> = Vec::new(); // the client's X-Forwarded-For values
+    let mut chain: Vec<&[u8]> = Vec::new(); // the client's X-Forwarded-For values
     for (name, value) in head.headers.iter() {
-        if is_hop_by_hop(name)
-            || own(name)
-            || connection.iter().any(|v| list_has(v, name.as_bytes()))
-        {
+        let f = field(name);
+        if f.is_hop_by_hop() || own(f) || connection.iter().any(|v| list_has(v, name.as_bytes())) {
             continue;
         }
-        if cfg.forwarded && FORWARDED.iter().any(|f| is(name, f)) {
-            if is(name, "x-forwarded-for") {
-                let v = String::from_utf8_lossy(value);
-                if !v.trim().is_empty() {
-                    chain.push(v.trim().to_string());
-                }
+        if cfg.forwarded && f.is_forwarded() {
+            if f == Field::ForwardedFor && !value.trim_ascii().is_empty() {
+                chain.push(value.trim_ascii());
             }
             continue;
         }
-        if cfg.set.keys().any(|k| is(name, k)) {
+        if cfg.set.keys().any(|k| name.eq_ignore_ascii_case(k)) {
             continue;
         }
         put_field(out, name, value);
     }
     if cfg.forwarded {
-        let ip = client.ip.to_string();
-        chain.push(ip.clone());
-        put_field(out, "X-Forwarded-For", chain.join(", ").as_bytes());
+        let mut ip = [0u8; 64];
+        let ip = put_ip(&mut ip, client.ip);
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        for v in &chain {
+            out.extend_from_slice(v);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(ip);
+        out.extend_from_slice(b"\r\n");
         let proto: &[u8] = if client.tls { b"https" } else { b"http" };
         put_field(out, "X-Forwarded-Proto", proto);
         if let Some(host) = head.header("host") {
             put_field(out, "X-Forwarded-Host", host.as_bytes());
         }
-        put_field(out, "X-Real-IP", ip.as_bytes());
+        put_field(out, "X-Real-IP", ip);
     }
     for (k, v) in &cfg.set {
         put_field(out, k, v.as_bytes());
     }
+}
+
+/// `ip` in its text form, written into `buf` (std's `Display` for an address costs about
+/// a thousand instructions, most of a handshake's header work; IPv4 is written here).
+fn put_ip(buf: &mut [u8; 64], ip: IpAddr) -> &[u8] {
+    let mut n = 0;
+    match ip {
+        IpAddr::V4(v4) => {
+            for (k, octet) in v4.octets().into_iter().enumerate() {
+                if k > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if octet >= 100 {
+                    buf[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    buf[n] = b'0' + octet / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + octet % 10;
+                n += 1;
+            }
+        }
+        IpAddr::V6(_) => {
+            use std::io::Write as _;
+            let mut w: &mut [u8] = buf;
+            let _ = write!(w, "{ip}"); // at most 45 bytes
+            n = 64 - w.len();
+        }
+    }
+    &buf[..n]
 }
 
 /// One header field line.
@@ -524,7 +598,7 @@ pub fn switching_protocols(accept: &str, backend: &ResponseHead, pass_extensions
     out.extend_from_slice(b"\r\n");
     let is = |name: &str, other: &str| name.eq_ignore_ascii_case(other);
     for (name, value) in backend.headers.iter() {
-        if gateway_writes(name, pass_extensions) || is(name, "date") || is(name, "server") {
+        if gateway_writes(field(name), pass_extensions) || is(name, "date") || is(name, "server") {
             continue;
         }
         out.extend_from_slice(name.as_bytes());
@@ -642,6 +716,104 @@ mod tests {
         ("Connection", "keep-alive, Upgrade"),
         ("Sec-WebSocket-Version", "13"),
     ];
+
+    /// The names `field` knows, by the class it must give them: the lists as RFC 9110 and
+    /// RFC 6455 give them, the reference for the length-first classifier.
+    const KNOWN: [(&str, Field); 20] = [
+        ("connection", Field::HopByHop),
+        ("keep-alive", Field::HopByHop),
+        ("proxy-connection", Field::HopByHop),
+        ("proxy-authenticate", Field::HopByHop),
+        ("proxy-authorization", Field::HopByHop),
+        ("te", Field::HopByHop),
+        ("trailer", Field::HopByHop),
+        ("upgrade", Field::HopByHop),
+        ("transfer-encoding", Field::Framing),
+        ("content-length", Field::Framing),
+        ("host", Field::Host),
+        ("sec-websocket-key", Field::Handshake),
+        ("sec-websocket-version", Field::Handshake),
+        ("sec-websocket-accept", Field::Handshake),
+        ("sec-websocket-extensions", Field::Extensions),
+        ("sec-websocket-protocol", Field::Protocol),
+        ("x-forwarded-for", Field::ForwardedFor),
+        ("x-forwarded-proto", Field::ForwardedOther),
+        ("x-forwarded-host", Field::ForwardedOther),
+        ("x-real-ip", Field::ForwardedOther),
+    ];
+
+    fn reference_field(name: &str) -> Field {
+        KNOWN
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map_or(Field::Other, |&(_, f)| f)
+    }
+
+    #[test]
+    fn field_classes_the_known_names_in_any_case() {
+        for (name, want) in KNOWN {
+            assert_eq!(field(name), want, "{name}");
+            assert_eq!(field(&name.to_ascii_uppercase()), want, "{name}");
+            // One byte off, same length: not that field.
+            let mut near = name.as_bytes().to_vec();
+            near[0] ^= 0x01;
+            let near = String::from_utf8(near).unwrap_or_default();
+            assert_eq!(field(&near), reference_field(&near), "{near}");
+        }
+        assert_eq!(field(""), Field::Other);
+        assert_eq!(field("cookie"), Field::Other);
+        assert!(is_reserved_upstream_header("Sec-WebSocket-Extensions"));
+        assert!(!is_reserved_upstream_header("X-Forwarded-For"));
+        assert!(is_hop_by_hop("TE") && !is_hop_by_hop("Host"));
+    }
+
+    #[test]
+    fn put_ip_writes_each_octet_width() {
+        for (ip, want) in [
+            ([0, 0, 0, 0], "0.0.0.0"),
+            ([127, 0, 0, 1], "127.0.0.1"),
+            ([9, 10, 99, 100], "9.10.99.100"),
+            ([255, 200, 109, 90], "255.200.109.90"),
+        ] {
+            let mut buf = [0u8; 64];
+            assert_eq!(put_ip(&mut buf, IpAddr::from(ip)), want.as_bytes());
+        }
+    }
+
+    proptest::proptest! {
+        /// Any name, including the known ones with their case scrambled, gets the class the
+        /// lists give it.
+        #[test]
+        fn field_agrees_with_the_lists(
+            pick in 0usize..40,
+            flips in proptest::collection::vec(proptest::bool::ANY, 24),
+            other in "[a-zA-Z-]{0,25}",
+        ) {
+            let name: String = match KNOWN.get(pick) {
+                Some((k, _)) => k
+                    .chars()
+                    .zip(&flips)
+                    .map(|(c, &up)| if up { c.to_ascii_uppercase() } else { c })
+                    .collect(),
+                None => other,
+            };
+            proptest::prop_assert_eq!(field(&name), reference_field(&name));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn put_ip_writes_what_display_writes(
+            v4 in proptest::num::u32::ANY,
+            v6 in proptest::num::u128::ANY,
+        ) {
+            for ip in [IpAddr::from(v4.to_be_bytes()), IpAddr::from(v6.to_be_bytes())] {
+                let mut buf = [0u8; 64];
+                let want = ip.to_string();
+                proptest::prop_assert_eq!(put_ip(&mut buf, ip), want.as_bytes());
+            }
+        }
+    }
 
     #[test]
     fn upgrade_checks() {
