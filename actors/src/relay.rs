@@ -955,8 +955,10 @@ async fn close_side<S: AsyncRead + AsyncWrite + Unpin>(
 /// frame, the end of the socket, or a protocol error. Payloads are skipped, not buffered.
 async fn wait_for_close<S: AsyncRead + Unpin>(io: &mut S, side: Side, mut seen: Vec<u8>) {
     use futures::AsyncReadExt;
+    // Read straight into `seen`, a step at a time: its capacity is reused, so each read
+    // zero-fills only its step (a zeroed 2 KiB chunk was a session's one calloc).
+    const STEP: usize = 1024;
     let mut skip = 0usize;
-    let mut chunk = vec![0u8; 2048];
     loop {
         let mut at = 0;
         loop {
@@ -974,9 +976,11 @@ async fn wait_for_close<S: AsyncRead + Unpin>(io: &mut S, side: Side, mut seen: 
             }
         }
         seen.drain(..at);
-        match io.read(&mut chunk).await {
+        let len = seen.len();
+        seen.resize(len + STEP, 0);
+        match io.read(&mut seen[len..]).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            Ok(n) => seen.truncate(len + n),
         }
     }
 }
@@ -1089,6 +1093,47 @@ mod tests {
             Poll::Ready(ev) => Some(ev),
             Poll::Pending => None,
         })
+    }
+
+    /// `wait_for_close` skips data frames that span reads (and the bytes already read) and
+    /// stops at the close frame, without reading past it.
+    #[test]
+    fn wait_for_close_skips_frames_across_reads_and_stops_at_the_close() {
+        struct Watch(Chunks, bool);
+        impl AsyncRead for Watch {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut [u8],
+            ) -> Poll<std::io::Result<usize>> {
+                let r = Pin::new(&mut self.0).poll_read(cx, buf);
+                if matches!(r, Poll::Ready(Ok(0))) {
+                    self.1 = true; // read past the end: the close was missed
+                }
+                r
+            }
+        }
+        let mut bytes = client_frame(0x2, true, &[7u8; 3000]);
+        bytes.extend(client_frame(0x9, true, b"ping"));
+        bytes.extend(client_frame(0x1, true, &[b'a'; 1500]));
+        bytes.extend(ClosePayload::new(1000, "bye").frame(Side::Backend));
+        let after = client_frame(0x2, true, &[9u8; 100]); // sent after the close: not read
+        for first in [0, 10, 3010] {
+            let seen = bytes[..first].to_vec();
+            let mut chunks: Vec<Vec<u8>> = bytes[first..].chunks(700).map(<[u8]>::to_vec).collect();
+            let n = chunks.len();
+            chunks.push(after.clone());
+            let mut io = Watch(
+                Chunks {
+                    chunks,
+                    next: 0,
+                    stall: false,
+                },
+                false,
+            );
+            futures::executor::block_on(wait_for_close(&mut io, Side::Client, seen));
+            assert_eq!((io.0.next, io.1), (n, false), "first {first}");
+        }
     }
 
     /// One message: kind (text, binary, or a client ping), payload, and how many fragments.
