@@ -994,6 +994,8 @@ async fn flapping_backend_leaks_nothing_and_ends_up() {
         .wait_metrics("no live session left", WAIT, |m| {
             metric(m, "wsgate_sessions_active", &[]) == Some(0.0)
                 && metric(m, "wsgate_backend_sessions", &[]) == Some(0.0)
+                // every session actor stopped (none kept alive by a leftover address)
+                && metric(m, "wsgate_session_actors", &[]) == Some(0.0)
         })
         .await;
     gw.logs()

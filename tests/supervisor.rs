@@ -84,7 +84,8 @@ async fn crashed_listener_restarted_connects_queued() {
 
 /// §3 row "internal failure of the session → 1011": a session that panics right after
 /// relaying its first client message closes with 1011; another live session is untouched;
-/// the panic is logged and counted (`wsgate_session_panics_total 1`); the process lives on.
+/// the panic is logged and counted (`wsgate_session_panics_total 1`); the process lives on;
+/// every session actor stops with its session (`wsgate_session_actors` back to 0).
 #[async_std::test]
 async fn session_panic_closes_1011_alone() {
     let b = Backend::echo("b1").await;
@@ -107,5 +108,10 @@ async fn session_panic_closes_1011_alone() {
     let mut fresh = connect(gw.addr(), "/", &[]).await;
     assert_eq!(fresh.whoami().await, "b1");
     assert_eq!(gw.metric("wsgate_session_panics_total").await, Some(1.0));
+    // The panicked session's actor stopped too; the two live sessions keep theirs.
+    gw.wait_metric("wsgate_session_actors", 2.0).await;
+    other.close_and_wait().await;
+    fresh.close_and_wait().await;
+    gw.wait_metric("wsgate_session_actors", 0.0).await;
     assert!(gw.is_running());
 }

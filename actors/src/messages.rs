@@ -92,15 +92,6 @@ impl Debug for SessionControl {
     }
 }
 
-// ---- session task -> session actor ----
-
-/// The session's task finished (after its access line was written).
-#[message]
-#[derive(Debug)]
-pub struct SessionFinished {
-    pub session: SessionId,
-}
-
 // ---- supervisor ----
 
 /// A supervised child actor stopped; if the supervisor did not ask for it, it failed.

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub struct Metrics {
     pub sessions_active: AtomicU64,
     pub sessions_total: AtomicU64,
+    /// Session actors started and not yet stopped (each accepted connection has one).
+    pub session_actors: AtomicU64,
     pub messages_c2b: AtomicU64,
     pub messages_b2c: AtomicU64,
     pub bytes_c2b: AtomicU64,
@@ -85,6 +87,14 @@ impl Metrics {
             "Live client sessions.",
             "gauge",
             self.sessions_active.load(Relaxed),
+        );
+        g(
+            out,
+            "wsgate_session_actors",
+            "Session actors alive: one per accepted connection, from accept until its \
+             session task has ended (closing handshakes included).",
+            "gauge",
+            self.session_actors.load(Relaxed),
         );
         g(
             out,

@@ -12,8 +12,8 @@ use crate::handshake::{
 };
 use crate::http_forward;
 use crate::messages::{
-    trace, BackendFailed, BackendLost, PickBackends, PoolName, SessionControl, SessionFinished,
-    SessionId, SessionName,
+    trace, BackendFailed, BackendLost, PickBackends, PoolName, SessionControl, SessionId,
+    SessionName,
 };
 use crate::metrics::HandshakeFailure;
 use crate::pool::{BackendState, Lease};
@@ -44,12 +44,14 @@ pub struct Session {
     id: SessionId,
     start: Option<SessionStart>,
     control: Option<mpsc::UnboundedSender<Control>>,
+    shared: Arc<Shared>,
 }
 
 impl Session {
     pub fn new(id: SessionId, start: SessionStart) -> Session {
         Session {
             id,
+            shared: Arc::clone(&start.shared),
             start: Some(start),
             control: None,
         }
@@ -65,12 +67,18 @@ impl Session {
 #[async_trait::async_trait]
 impl Actor for Session {
     async fn started(&mut self, ctx: &mut Context<Self>) -> xactor::Result<()> {
+        self.shared.metrics.session_actors.fetch_add(1, Relaxed);
         let (tx, rx) = mpsc::unbounded();
         self.control = Some(tx);
         if let Some(start) = self.start.take() {
             rt::spawn(run(self.id, ctx.address(), start, rx));
         }
         Ok(())
+    }
+
+    /// Runs once the session task has dropped the actor's last address (its mailbox closed).
+    async fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.shared.metrics.session_actors.fetch_sub(1, Relaxed);
     }
 }
 
@@ -85,13 +93,6 @@ impl Handler<BackendLost> for Session {
 impl Handler<SessionControl> for Session {
     async fn handle(&mut self, _ctx: &mut Context<Self>, msg: SessionControl) {
         self.forward(msg.0);
-    }
-}
-
-#[async_trait::async_trait]
-impl Handler<SessionFinished> for Session {
-    async fn handle(&mut self, ctx: &mut Context<Self>, _msg: SessionFinished) {
-        ctx.stop(None);
     }
 }
 
@@ -189,9 +190,9 @@ async fn run(
         Box::pin(s.after_panic()).await; // rare: kept out of every task's size
     }
     s.finish_log();
-    let fin = SessionFinished { session: id };
-    trace(&SessionName(id), &SessionName(id), &fin);
-    let _ = me.send(fin);
+    // The actor's last (strong) address: dropping it closes the mailbox and the actor stops
+    // (`stopped`). Others hold weak ones (pool leases) and upgrade them only to send.
+    drop(me);
 }
 
 impl Run {
@@ -247,13 +248,14 @@ impl Run {
                 return false;
             }
         };
-        let listener = &self.config.listeners[self.listener];
-        let Some(ri) =
-            crate::route::match_route(&listener.routes, head.header("host"), &head.target)
-        else {
+        // The route is borrowed from a second handle on the config, since `self` is borrowed
+        // mutably below (cloning the route was two allocations).
+        let config = Arc::clone(&self.config);
+        let routes = &config.listeners[self.listener].routes;
+        let Some(ri) = crate::route::match_route(routes, head.header("host"), &head.target) else {
             return self.refuse(404, HandshakeFailure::NoRoute).await;
         };
-        let route = listener.routes[ri].clone();
+        let route = &routes[ri];
         self.route = Some(route.path.clone());
         self.pool = Some(route.pool.clone());
         match handshake::check_upgrade(&head) {

@@ -312,6 +312,22 @@ impl Gateway {
     pub async fn metric(&self, name: &str) -> Option<f64> {
         metric_sum(&self.metrics().await, name, &[])
     }
+
+    /// Polls a metric (the sum of its series) until it is `want`, for at most 10 s.
+    pub async fn wait_metric(&self, name: &str, want: f64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.metric(name).await;
+            if now == Some(want) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} stayed {now:?}, not {want}"
+            );
+            async_std::task::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Gateway {
