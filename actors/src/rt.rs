@@ -23,7 +23,27 @@ use std::time::Duration;
 
 mod reactor;
 
-pub use async_std::task::JoinHandle;
+/// A spawned task's handle: awaiting it gives the task's output; dropping it detaches the
+/// task (it runs on), as async-std's `JoinHandle` does.
+pub struct JoinHandle<T>(Option<async_global_executor::Task<T>>);
+
+impl<T> Future for JoinHandle<T> {
+    type Output = T;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match self.0.as_mut() {
+            Some(task) => Pin::new(task).poll(cx),
+            None => Poll::Pending, // only after a drop began; never polled then
+        }
+    }
+}
+
+impl<T> Drop for JoinHandle<T> {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.detach();
+        }
+    }
+}
 
 mod splice;
 pub use splice::{SpliceBuf, SpliceError};
@@ -37,13 +57,19 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
     async_std::task::block_on(f)
 }
 
-/// Spawns a detached task on the executor.
+/// Spawns a task on async-std's executor (its worker threads, `ASYNC_STD_THREAD_COUNT`),
+/// without async-std's task-locals layer: that wrapper sets a thread-local around every
+/// poll and moves the future through one more layer at spawn; nothing here reads task
+/// locals. The executor is the one async-std configures, so it is set up first.
 pub fn spawn<F>(f: F) -> JoinHandle<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    async_std::task::spawn(f)
+    static RUNTIME: std::sync::Once = std::sync::Once::new();
+    // async-std configures the global executor (thread count, names) on its first use.
+    RUNTIME.call_once(|| async_std::task::block_on(async {}));
+    JoinHandle(Some(async_global_executor::spawn(f)))
 }
 
 /// Lets every other ready task run once before this one goes on.
