@@ -83,8 +83,8 @@ pub async fn sleep(d: Duration) {
 
 /// `Err(Elapsed)` when `f` did not finish within `d` (a timer is armed only if `f` has to
 /// wait).
-pub async fn timeout<F: Future>(d: Duration, f: F) -> Result<F::Output, Elapsed> {
-    timer::timeout(d, f).await
+pub fn timeout<F: Future>(d: Duration, f: F) -> timer::Timeout<F> {
+    timer::timeout(d, f)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

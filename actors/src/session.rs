@@ -263,7 +263,7 @@ impl Run {
             Err(UpgradeProblem::NotUpgrade) => {
                 if self.config.pools.get(&route.pool).is_some_and(|p| p.http) {
                     let pending = buf.split_off(head_len);
-                    return self.http_pass(&route.pool, &head, pending).await;
+                    return Box::pin(self.http_pass(&route.pool, &head, pending)).await;
                 }
                 return self.refuse(426, HandshakeFailure::NotUpgrade).await;
             }
@@ -447,7 +447,9 @@ impl Run {
         };
         let left = || deadline.saturating_duration_since(Instant::now());
         if self.config.listeners[self.listener].proxy_protocol {
-            let header = rt::timeout(left(), crate::proxy_header::read(&mut tcp)).await;
+            // Boxed, like the TLS accept below: a rarer path's state (the TLS accept's is
+            // kilobytes) inline would be copied and touched by every handshake.
+            let header = rt::timeout(left(), Box::pin(crate::proxy_header::read(&mut tcp))).await;
             match self.step_done("PROXY header", header) {
                 Some(Some(addr)) => self.peer = addr,
                 Some(None) => {}
@@ -458,7 +460,7 @@ impl Run {
         self.raw = Some(match acceptor {
             None => ClientStream::Plain(tcp),
             Some(acceptor) => {
-                let tls = rt::timeout(left(), acceptor.accept(tcp)).await;
+                let tls = rt::timeout(left(), Box::pin(acceptor.accept(tcp))).await;
                 match self.step_done("TLS handshake", tls) {
                     Some(tls) => ClientStream::Tls(Box::new(tls)),
                     None => return false,

@@ -202,7 +202,8 @@ pub async fn connect(addr: SocketAddr, tls: Option<&BackendTls>) -> io::Result<B
     match tls {
         None => Ok(BackendStream::Plain(s)),
         Some(t) => {
-            let s = t.connector.connect(t.name.clone(), s).await?;
+            // Boxed: the TLS connect's state is a kilobyte, inline in every dial's.
+            let s = Box::pin(t.connector.connect(t.name.clone(), s)).await?;
             Ok(BackendStream::Tls(Box::new(s)))
         }
     }

@@ -82,21 +82,38 @@ impl Drop for Timer {
 }
 
 /// `Err(Elapsed)` when `f` did not finish within `d`.
-pub async fn timeout<F: Future>(d: Duration, f: F) -> Result<F::Output, super::Elapsed> {
-    let mut f = std::pin::pin!(f);
-    let mut timer: Option<Timer> = None;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = f.as_mut().poll(cx) {
+pub fn timeout<F: Future>(d: Duration, f: F) -> Timeout<F> {
+    Timeout { f, d, timer: None }
+}
+
+pin_project_lite::pin_project! {
+    /// The future [`timeout`] returns. A type, not an `async fn`: an `async fn` taking `f`
+    /// keeps the argument and its pinned copy side by side in its state (twice `f`'s size,
+    /// and every enclosing wrapper again), and it is copied whole on every move.
+    pub struct Timeout<F> {
+        #[pin]
+        f: F,
+        d: Duration,
+        timer: Option<Timer>,
+    }
+}
+
+impl<F: Future> Future for Timeout<F> {
+    type Output = Result<F::Output, super::Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(v) = this.f.poll(cx) {
             return Poll::Ready(Ok(v));
         }
         // Armed only once the future has had to wait: one that is ready at once costs no timer.
-        let t = timer.get_or_insert_with(|| Timer::after(d));
+        let d = *this.d;
+        let t = this.timer.get_or_insert_with(|| Timer::after(d));
         match Pin::new(t).poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(super::Elapsed)),
             Poll::Pending => Poll::Pending,
         }
-    })
-    .await
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
