@@ -176,35 +176,83 @@ fn parse_error(e: httparse::Error) -> HeadError {
 
 /// A head's header fields: names in one string, values in one buffer (three allocations
 /// per head, not two per field). Names are kept as `str`, so reading one back decodes
-/// nothing; values are bytes, as httparse accepted them.
+/// nothing; values are bytes, as httparse accepted them, validated as UTF-8 once for the
+/// whole head (a session reads a dozen values as text; each was a `from_utf8`).
 #[derive(Debug, Clone, Default)]
 pub struct Headers {
     names: String,
-    values: Vec<u8>,
+    values: Values,
     /// Per field: where its name ends in `names` and its value ends in `values` (each starts
     /// where the previous field's ends).
     ends: Vec<(u32, u32)>,
 }
 
+/// Every value of a head, in one buffer: text when all of it is UTF-8 (the usual case),
+/// else the bytes as sent (obs-text).
+#[derive(Debug, Clone)]
+enum Values {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+impl Default for Values {
+    fn default() -> Values {
+        Values::Text(String::new())
+    }
+}
+
+impl Values {
+    fn new(bytes: Vec<u8>) -> Values {
+        String::from_utf8(bytes).map_or_else(|e| Values::Bytes(e.into_bytes()), Values::Text)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Values::Text(s) => s.as_bytes(),
+            Values::Bytes(b) => b,
+        }
+    }
+
+    /// One value as text, if it is UTF-8.
+    fn text(&self, r: Range<usize>) -> Option<&str> {
+        match self {
+            // A value that begins or ends inside a character is not UTF-8 by itself.
+            Values::Text(s) => s.get(r),
+            Values::Bytes(b) => std::str::from_utf8(&b[r]).ok(),
+        }
+    }
+}
+
 impl Headers {
     fn from_parsed(parsed: &[httparse::Header<'_>]) -> Headers {
-        let mut h = Headers {
-            names: String::with_capacity(parsed.iter().map(|f| f.name.len()).sum()),
-            values: Vec::with_capacity(parsed.iter().map(|f| f.value.len()).sum()),
-            ends: Vec::with_capacity(parsed.len()),
-        };
-        for f in parsed {
-            h.push(f.name, f.value);
-        }
-        h
+        Headers::build(
+            parsed.len(),
+            parsed.iter().map(|f| f.name.len()).sum(),
+            parsed.iter().map(|f| f.value.len()).sum(),
+            parsed.iter().map(|f| (f.name, f.value)),
+        )
     }
 
     /// Heads are at most `MAX_HEAD_BYTES`, so the offsets fit in `u32`.
-    fn push(&mut self, name: &str, value: &[u8]) {
-        self.names.push_str(name);
-        self.values.extend_from_slice(value);
-        self.ends
-            .push((self.names.len() as u32, self.values.len() as u32));
+    fn build<'a>(
+        fields: usize,
+        names_len: usize,
+        values_len: usize,
+        each: impl Iterator<Item = (&'a str, &'a [u8])>,
+    ) -> Headers {
+        let mut names = String::with_capacity(names_len);
+        let mut values = Vec::with_capacity(values_len);
+        let mut ends = Vec::with_capacity(fields);
+        for (name, value) in each {
+            names.push_str(name);
+            values.extend_from_slice(value);
+            ends.push((names.len() as u32, values.len() as u32));
+        }
+        Headers {
+            names,
+            values: Values::new(values),
+            ends,
+        }
     }
 
     /// Every field's name range in `names` and value range in `values`, in the order sent.
@@ -219,30 +267,43 @@ impl Headers {
 
     /// Every field as (name, value), in the order sent.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
-        self.spans().map(|(n, v)| (&self.names[n], &self.values[v]))
+        let values = self.values.bytes();
+        self.spans().map(move |(n, v)| (&self.names[n], &values[v]))
+    }
+
+    /// The value ranges of every field named `name` (ASCII case-insensitive), in the order
+    /// sent. A field whose name has another length is passed over on its offsets alone; the
+    /// others are compared as bytes: a lookup decodes nothing and allocates nothing. (A
+    /// session looks up a dozen fields in each of its two heads; slicing every name first
+    /// was ~300 instructions a lookup, bench/profile.sh callgrind-handshake.)
+    fn ranges<'s: 'n, 'n>(&'s self, name: &'n str) -> impl Iterator<Item = Range<usize>> + 'n {
+        let names = self.names.as_bytes();
+        self.spans().filter_map(move |(n, v)| {
+            (n.len() == name.len() && names[n].eq_ignore_ascii_case(name.as_bytes())).then_some(v)
+        })
     }
 
     /// The values of every field named `name` (ASCII case-insensitive), in the order sent.
-    /// A field whose name has another length is passed over on its offsets alone; the others
-    /// are compared as bytes: a lookup decodes nothing and allocates nothing. (A session looks
-    /// up a dozen fields in each of its two heads; slicing every name first was ~300
-    /// instructions a lookup, bench/profile.sh callgrind-handshake.)
     pub fn values<'s: 'n, 'n>(&'s self, name: &'n str) -> impl Iterator<Item = &'s [u8]> + 'n {
-        let names = self.names.as_bytes();
-        self.spans().filter_map(move |(n, v)| {
-            (n.len() == name.len() && names[n].eq_ignore_ascii_case(name.as_bytes()))
-                .then(|| &self.values[v])
-        })
+        let values = self.values.bytes();
+        self.ranges(name).map(move |v| &values[v])
+    }
+
+    /// The first value of field `name`, trimmed, if it is UTF-8.
+    fn first_text(&self, name: &str) -> Option<&str> {
+        let v = self.ranges(name).next()?;
+        self.values.text(v).map(str::trim)
     }
 }
 
 impl<N: AsRef<str>, V: AsRef<[u8]>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(fields: I) -> Headers {
-        let mut h = Headers::default();
-        for (n, v) in fields {
-            h.push(n.as_ref(), v.as_ref());
-        }
-        h
+        let fields: Vec<(N, V)> = fields.into_iter().collect();
+        let each = fields.iter().map(|(n, v)| (n.as_ref(), v.as_ref()));
+        let (names_len, values_len) = each
+            .clone()
+            .fold((0, 0), |(n, v), (a, b)| (n + a.len(), v + b.len()));
+        Headers::build(fields.len(), names_len, values_len, each)
     }
 }
 
@@ -317,11 +378,7 @@ impl ResponseHead {
 
 /// The first value of header `name` in a parsed head, trimmed, if it is valid UTF-8.
 fn header_in<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
-    headers
-        .values(name)
-        .next()
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(str::trim)
+    headers.first_text(name)
 }
 
 /// Whether any occurrence of the comma-separated header `name` lists `token`.
@@ -331,6 +388,12 @@ fn has_token(headers: &Headers, name: &str, token: &str) -> bool {
 
 /// Whether the comma-separated list `list` has `token` (ASCII case-insensitive, trimmed).
 fn list_has(list: &[u8], token: &[u8]) -> bool {
+    let list = list.trim_ascii();
+    // A list no longer than the token can hold it only as its whole self (the usual
+    // `Upgrade` / `websocket`): no split.
+    if list.len() <= token.len() {
+        return list.eq_ignore_ascii_case(token);
+    }
     list.split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
@@ -768,6 +831,24 @@ mod tests {
     }
 
     #[test]
+    fn a_value_is_text_only_by_itself() {
+        // Joined, the two values are "é" and the head is text; neither is UTF-8 alone.
+        let h: Headers = [("a", &[0xC3][..]), ("b", &[0xA9, b'x'][..]), ("c", b" ok ")]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            (h.first_text("a"), h.first_text("b"), h.first_text("c")),
+            (None, None, Some("ok"))
+        );
+        // obs-text in one value: the others still read as text, and every byte is kept.
+        let h: Headers = [("a", &[0xFF, b'y'][..]), ("c", b"ok")]
+            .into_iter()
+            .collect();
+        assert_eq!((h.first_text("a"), h.first_text("c")), (None, Some("ok")));
+        assert_eq!(h.values("a").next(), Some(&[0xFF, b'y'][..]));
+    }
+
+    #[test]
     fn put_ip_writes_each_octet_width() {
         for (ip, want) in [
             ([0, 0, 0, 0], "0.0.0.0"),
@@ -907,6 +988,35 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A value is read as text exactly when it is UTF-8 by itself, whatever the other
+        /// values are (obs-text elsewhere, or bytes that join into a character across two
+        /// values).
+        #[test]
+        fn first_text_is_the_value_when_it_is_utf8(
+            fields in proptest::collection::vec(
+                ("[ab]", proptest::collection::vec(
+                    proptest::sample::select(vec![b'x', b' ', 0xC3, 0xA9, 0xFF, b'e']), 0..4)),
+                0..6,
+            ),
+            name in "[ab]",
+        ) {
+            let h: Headers = fields.iter().map(|(n, v)| (n, v)).collect();
+            let want = h.values(&name).next().and_then(|v| std::str::from_utf8(v).ok());
+            proptest::prop_assert_eq!(h.first_text(&name), want.map(str::trim));
+            let bytes: Vec<(&str, &[u8])> =
+                fields.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+            proptest::prop_assert_eq!(h.iter().collect::<Vec<_>>(), bytes);
+        }
+
+        /// `list_has`'s shortcut for short lists agrees with splitting every list.
+        #[test]
+        fn list_has_agrees_with_a_split(list in "[aAb, ]{0,8}", token in "[aAb]{0,3}") {
+            let split = list
+                .split(',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(&token));
+            proptest::prop_assert_eq!(list_has(list.as_bytes(), token.as_bytes()), split);
+        }
+
         /// `values` skips on offsets; it must find what comparing every name finds.
         #[test]
         fn values_finds_what_a_scan_of_every_name_finds(
