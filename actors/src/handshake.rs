@@ -512,11 +512,21 @@ pub fn put_client_fields(
     cfg: &HeadersConfig,
     own: impl Fn(Field) -> bool,
 ) {
-    let connection: Vec<&[u8]> = head.headers.values("connection").collect();
+    // The client's Connection values: almost always one field, so the rest is usually
+    // empty (an empty collect allocates nothing).
+    let mut connection = head.headers.values("connection");
+    let first_connection = connection.next();
+    let more_connection: Vec<&[u8]> = connection.collect();
+    let listed = |name: &str| {
+        first_connection
+            .into_iter()
+            .chain(more_connection.iter().copied())
+            .any(|v| list_has(v, name.as_bytes()))
+    };
     let mut chain: Vec<&[u8]> = Vec::new(); // the client's X-Forwarded-For values
     for (name, value) in head.headers.iter() {
         let f = field(name);
-        if f.is_hop_by_hop() || own(f) || connection.iter().any(|v| list_has(v, name.as_bytes())) {
+        if f.is_hop_by_hop() || own(f) || listed(name) {
             continue;
         }
         if cfg.forwarded && f.is_forwarded() {

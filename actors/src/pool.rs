@@ -192,6 +192,9 @@ pub struct Pool {
     failures: Vec<Vec<Instant>>,
     /// Bumped when a backend changes state, so a stale `Revive` is ignored.
     epochs: Vec<u64>,
+    /// What the balancer sees of each backend, refilled at every pick (kept: no allocation
+    /// per session).
+    views: Vec<BackendView>,
     #[allow(dead_code)]
     metrics: Arc<Metrics>,
 }
@@ -206,6 +209,7 @@ impl Pool {
             shared,
             failures: vec![Vec::new(); n],
             epochs: vec![0; n],
+            views: Vec::with_capacity(n),
             metrics,
         }
     }
@@ -292,19 +296,16 @@ impl Actor for Pool {
 #[async_trait::async_trait]
 impl Handler<PickBackends> for Pool {
     async fn handle(&mut self, _ctx: &mut Context<Self>, msg: PickBackends) -> Picked {
-        let views: Vec<BackendView> = self
-            .shared
-            .backends
-            .iter()
-            .map(|b| BackendView {
+        self.views.clear();
+        self.views
+            .extend(self.shared.backends.iter().map(|b| BackendView {
                 addr: b.addr,
                 weight: b.weight,
                 active: b.active(),
                 up: b.is_up() && !msg.exclude.contains(&b.addr),
-            })
-            .collect();
-        let max = (self.shared.config.connect_attempts as usize).min(views.len());
-        let order = self.balancer.order(&views, msg.client_ip, max);
+            }));
+        let max = (self.shared.config.connect_attempts as usize).min(self.views.len());
+        let order = self.balancer.order(&self.views, msg.client_ip, max);
         let candidates: Vec<Arc<BackendState>> = order
             .iter()
             .map(|&i| Arc::clone(&self.shared.backends[i]))

@@ -119,8 +119,9 @@ struct Run {
     backend: Option<BackendStream>,
     lease: Option<Lease>,
     slot: Option<SessionSlot>,
-    route: Option<String>,
-    pool: Option<String>,
+    /// The matched route: its index in the listener's routes of `config` (the session's own
+    /// snapshot of the config, so the index stays valid across reloads).
+    route: Option<usize>,
     /// The backends the session was relayed through, in order (more than one after failover).
     backends_used: Vec<SocketAddr>,
     /// The client's request, kept to redo the upstream handshake on failover (pools with
@@ -163,7 +164,6 @@ async fn run(
         lease: None,
         slot: None,
         route: None,
-        pool: None,
         backends_used: Vec::new(),
         head: None,
         subprotocol: None,
@@ -256,8 +256,7 @@ impl Run {
             return self.refuse(404, HandshakeFailure::NoRoute).await;
         };
         let route = &routes[ri];
-        self.route = Some(route.path.clone());
-        self.pool = Some(route.pool.clone());
+        self.route = Some(ri);
         match handshake::check_upgrade(&head) {
             Ok(()) => {}
             Err(UpgradeProblem::NotUpgrade) => {
@@ -428,7 +427,7 @@ impl Run {
                 self.id,
                 self.peer,
                 self.shared.listeners[self.listener].name,
-                self.route.as_deref().unwrap_or("-"),
+                self.route_path(),
                 head.method,
                 head.target,
                 self.started.elapsed().as_millis()
@@ -613,14 +612,21 @@ impl Run {
     /// the client's socket is not read: its messages wait in order in the kernel's buffer
     /// (TCP flow control pushes back), and are relayed after the replay.
     async fn reconnect(&mut self, me: &Addr<Session>) -> Result<(), String> {
-        let (Some(pool), Some(head)) = (self.pool.clone(), self.head.take()) else {
+        // The pool's name borrowed from a second handle on the config (`self` is borrowed
+        // mutably below).
+        let config = Arc::clone(&self.config);
+        let pool = self
+            .route
+            .and_then(|ri| config.listeners[self.listener].routes.get(ri))
+            .map(|r| r.pool.as_str());
+        let (Some(pool), Some(head)) = (pool, self.head.take()) else {
             return Err("no request to replay".into());
         };
         let lost = self.backends_used.last().copied();
         let accept = handshake::accept_key(&head);
         let result = self
             .dial_walk(
-                &pool,
+                pool,
                 &head,
                 &accept,
                 lost.into_iter().collect(),
@@ -819,8 +825,22 @@ impl Run {
     }
 
     /// The pool's `on_backend_loss` (tunnel relays cannot fail over).
+    fn route_config(&self) -> Option<&crate::config::RouteConfig> {
+        self.config.listeners[self.listener].routes.get(self.route?)
+    }
+
+    /// The matched route's path, for the logs.
+    fn route_path(&self) -> &str {
+        self.route_config().map_or("-", |r| r.path.as_str())
+    }
+
+    /// The matched route's pool, once routed.
+    fn pool_name(&self) -> Option<&str> {
+        self.route_config().map(|r| r.pool.as_str())
+    }
+
     fn loss_policy(&self) -> OnBackendLoss {
-        let Some(pool) = self.pool.as_deref() else {
+        let Some(pool) = self.pool_name() else {
             return OnBackendLoss::Close;
         };
         match self.config.relay_for(pool) {
@@ -880,8 +900,8 @@ impl Run {
             self.id,
             self.peer,
             l.name,
-            self.route.as_deref().unwrap_or("-"),
-            self.pool.as_deref().unwrap_or("-"),
+            self.route_path(),
+            self.pool_name().unwrap_or("-"),
             self.started.elapsed().as_millis()
         );
     }
@@ -911,8 +931,8 @@ impl Run {
             self.id,
             self.peer,
             self.shared.listeners[self.listener].name,
-            self.route.as_deref().unwrap_or("-"),
-            self.pool.as_deref().unwrap_or("-"),
+            self.route_path(),
+            self.pool_name().unwrap_or("-"),
             backends.last().map(String::as_str).unwrap_or("-"),
             self.started.elapsed().as_millis(),
             c.c2b_msgs,
