@@ -174,21 +174,22 @@ fn parse_error(e: httparse::Error) -> HeadError {
     }
 }
 
-/// A head's header fields: names in one string, values in one buffer (three allocations
-/// per head, not two per field). Names are kept as `str`, so reading one back decodes
-/// nothing; values are bytes, as httparse accepted them, validated as UTF-8 once for the
-/// whole head (a session reads a dozen values as text; each was a `from_utf8`).
+/// A head's header fields in one buffer: every name, then every value (two allocations per
+/// head with the offsets, not two per field). The buffer is validated as UTF-8 once for the
+/// whole head (a session reads a dozen values as text; each was a `from_utf8`); names are
+/// tokens, so they are always text. Values are the bytes httparse accepted.
 #[derive(Debug, Clone, Default)]
 pub struct Headers {
-    names: String,
-    values: Values,
-    /// Per field: where its name ends in `names` and its value ends in `values` (each starts
-    /// where the previous field's ends).
+    text: Values,
+    /// Where the values start in `text` (the names' total length).
+    values_at: u32,
+    /// Per field: where its name ends and where its value ends in `text` (each starts where
+    /// the previous field's ends; the first value at `values_at`).
     ends: Vec<(u32, u32)>,
 }
 
-/// Every value of a head, in one buffer: text when all of it is UTF-8 (the usual case),
-/// else the bytes as sent (obs-text).
+/// A head's names and values, in one buffer: text when all of it is UTF-8 (the usual case),
+/// else the bytes as sent (obs-text in a value).
 #[derive(Debug, Clone)]
 enum Values {
     Text(String),
@@ -213,7 +214,7 @@ impl Values {
         }
     }
 
-    /// One value as text, if it is UTF-8.
+    /// One name or value as text, if it is UTF-8.
     fn text(&self, r: Range<usize>) -> Option<&str> {
         match self {
             // A value that begins or ends inside a character is not UTF-8 by itself.
@@ -238,26 +239,29 @@ impl Headers {
         fields: usize,
         names_len: usize,
         values_len: usize,
-        each: impl Iterator<Item = (&'a str, &'a [u8])>,
+        each: impl Iterator<Item = (&'a str, &'a [u8])> + Clone,
     ) -> Headers {
-        let mut names = String::with_capacity(names_len);
-        let mut values = Vec::with_capacity(values_len);
+        let mut text = Vec::with_capacity(names_len + values_len);
         let mut ends = Vec::with_capacity(fields);
-        for (name, value) in each {
-            names.push_str(name);
-            values.extend_from_slice(value);
-            ends.push((names.len() as u32, values.len() as u32));
+        for (name, _) in each.clone() {
+            text.extend_from_slice(name.as_bytes());
+            ends.push((text.len() as u32, 0));
+        }
+        let values_at = text.len() as u32;
+        for ((_, value), end) in each.zip(ends.iter_mut()) {
+            text.extend_from_slice(value);
+            end.1 = text.len() as u32;
         }
         Headers {
-            names,
-            values: Values::new(values),
+            text: Values::new(text),
+            values_at,
             ends,
         }
     }
 
-    /// Every field's name range in `names` and value range in `values`, in the order sent.
+    /// Every field's name range and value range in `text`, in the order sent.
     fn spans(&self) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + '_ {
-        let mut start = (0, 0);
+        let mut start = (0, self.values_at as usize);
         self.ends.iter().map(move |&(n, v)| {
             let (n, v) = (n as usize, v as usize);
             let (ns, vs) = std::mem::replace(&mut start, (n, v));
@@ -267,8 +271,11 @@ impl Headers {
 
     /// Every field as (name, value), in the order sent.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
-        let values = self.values.bytes();
-        self.spans().map(move |(n, v)| (&self.names[n], &values[v]))
+        let bytes = self.text.bytes();
+        self.spans().map(move |(n, v)| {
+            // Names were pushed as `str`, so they always read back as text.
+            (self.text.text(n).unwrap_or_default(), &bytes[v])
+        })
     }
 
     /// The value ranges of every field named `name` (ASCII case-insensitive), in the order
@@ -277,22 +284,22 @@ impl Headers {
     /// session looks up a dozen fields in each of its two heads; slicing every name first
     /// was ~300 instructions a lookup, bench/profile.sh callgrind-handshake.)
     fn ranges<'s: 'n, 'n>(&'s self, name: &'n str) -> impl Iterator<Item = Range<usize>> + 'n {
-        let names = self.names.as_bytes();
+        let bytes = self.text.bytes();
         self.spans().filter_map(move |(n, v)| {
-            (n.len() == name.len() && names[n].eq_ignore_ascii_case(name.as_bytes())).then_some(v)
+            (n.len() == name.len() && bytes[n].eq_ignore_ascii_case(name.as_bytes())).then_some(v)
         })
     }
 
     /// The values of every field named `name` (ASCII case-insensitive), in the order sent.
     pub fn values<'s: 'n, 'n>(&'s self, name: &'n str) -> impl Iterator<Item = &'s [u8]> + 'n {
-        let values = self.values.bytes();
-        self.ranges(name).map(move |v| &values[v])
+        let bytes = self.text.bytes();
+        self.ranges(name).map(move |v| &bytes[v])
     }
 
     /// The first value of field `name`, trimmed, if it is UTF-8.
     fn first_text(&self, name: &str) -> Option<&str> {
         let v = self.ranges(name).next()?;
-        self.values.text(v).map(str::trim)
+        self.text.text(v).map(str::trim)
     }
 }
 
