@@ -32,7 +32,7 @@ impl<T> Future for JoinHandle<T> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         match self.0.as_mut() {
             Some(task) => Pin::new(task).poll(cx),
-            None => Poll::Pending, // only after a drop began; never polled then
+            None => Poll::Pending, // `None` only inside `drop`
         }
     }
 }

@@ -824,7 +824,7 @@ impl Run {
         m.bytes_b2c.fetch_add(self.tunnel_counts.b2c_bytes, Relaxed);
     }
 
-    /// The pool's `on_backend_loss` (tunnel relays cannot fail over).
+    /// The matched route, once routed.
     fn route_config(&self) -> Option<&crate::config::RouteConfig> {
         self.config.listeners[self.listener].routes.get(self.route?)
     }
@@ -839,6 +839,7 @@ impl Run {
         self.route_config().map(|r| r.pool.as_str())
     }
 
+    /// The pool's `on_backend_loss` (tunnel relays cannot fail over).
     fn loss_policy(&self) -> OnBackendLoss {
         let Some(pool) = self.pool_name() else {
             return OnBackendLoss::Close;
