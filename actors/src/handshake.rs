@@ -180,7 +180,7 @@ fn parse_error(e: httparse::Error) -> HeadError {
 /// tokens, so they are always text. Values are the bytes httparse accepted.
 #[derive(Debug, Clone, Default)]
 pub struct Headers {
-    text: Values,
+    text: HeadText,
     /// Where the values start in `text` (the names' total length).
     values_at: u32,
     /// Per field: where its name ends and where its value ends in `text` (each starts where
@@ -191,26 +191,26 @@ pub struct Headers {
 /// A head's names and values, in one buffer: text when all of it is UTF-8 (the usual case),
 /// else the bytes as sent (obs-text in a value).
 #[derive(Debug, Clone)]
-enum Values {
+enum HeadText {
     Text(String),
     Bytes(Vec<u8>),
 }
 
-impl Default for Values {
-    fn default() -> Values {
-        Values::Text(String::new())
+impl Default for HeadText {
+    fn default() -> HeadText {
+        HeadText::Text(String::new())
     }
 }
 
-impl Values {
-    fn new(bytes: Vec<u8>) -> Values {
-        String::from_utf8(bytes).map_or_else(|e| Values::Bytes(e.into_bytes()), Values::Text)
+impl HeadText {
+    fn new(bytes: Vec<u8>) -> HeadText {
+        String::from_utf8(bytes).map_or_else(|e| HeadText::Bytes(e.into_bytes()), HeadText::Text)
     }
 
     fn bytes(&self) -> &[u8] {
         match self {
-            Values::Text(s) => s.as_bytes(),
-            Values::Bytes(b) => b,
+            HeadText::Text(s) => s.as_bytes(),
+            HeadText::Bytes(b) => b,
         }
     }
 
@@ -218,30 +218,23 @@ impl Values {
     fn text(&self, r: Range<usize>) -> Option<&str> {
         match self {
             // A value that begins or ends inside a character is not UTF-8 by itself.
-            Values::Text(s) => s.get(r),
-            Values::Bytes(b) => std::str::from_utf8(&b[r]).ok(),
+            HeadText::Text(s) => s.get(r),
+            HeadText::Bytes(b) => std::str::from_utf8(&b[r]).ok(),
         }
     }
 }
 
 impl Headers {
     fn from_parsed(parsed: &[httparse::Header<'_>]) -> Headers {
-        Headers::build(
-            parsed.len(),
-            parsed.iter().map(|f| f.name.len()).sum(),
-            parsed.iter().map(|f| f.value.len()).sum(),
-            parsed.iter().map(|f| (f.name, f.value)),
-        )
+        Headers::build(parsed.iter().map(|f| (f.name, f.value)))
     }
 
     /// Heads are at most `MAX_HEAD_BYTES`, so the offsets fit in `u32`.
-    fn build<'a>(
-        fields: usize,
-        names_len: usize,
-        values_len: usize,
-        each: impl Iterator<Item = (&'a str, &'a [u8])> + Clone,
-    ) -> Headers {
-        let mut text = Vec::with_capacity(names_len + values_len);
+    fn build<'a>(each: impl Iterator<Item = (&'a str, &'a [u8])> + Clone) -> Headers {
+        let (fields, len) = each.clone().fold((0, 0), |(k, n), (name, value)| {
+            (k + 1, n + name.len() + value.len())
+        });
+        let mut text = Vec::with_capacity(len);
         let mut ends = Vec::with_capacity(fields);
         for (name, _) in each.clone() {
             text.extend_from_slice(name.as_bytes());
@@ -253,7 +246,7 @@ impl Headers {
             end.1 = text.len() as u32;
         }
         Headers {
-            text: Values::new(text),
+            text: HeadText::new(text),
             values_at,
             ends,
         }
@@ -306,11 +299,7 @@ impl Headers {
 impl<N: AsRef<str>, V: AsRef<[u8]>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(fields: I) -> Headers {
         let fields: Vec<(N, V)> = fields.into_iter().collect();
-        let each = fields.iter().map(|(n, v)| (n.as_ref(), v.as_ref()));
-        let (names_len, values_len) = each
-            .clone()
-            .fold((0, 0), |(n, v), (a, b)| (n + a.len(), v + b.len()));
-        Headers::build(fields.len(), names_len, values_len, each)
+        Headers::build(fields.iter().map(|(n, v)| (n.as_ref(), v.as_ref())))
     }
 }
 

@@ -615,10 +615,7 @@ impl Run {
         // The pool's name borrowed from a second handle on the config (`self` is borrowed
         // mutably below).
         let config = Arc::clone(&self.config);
-        let pool = self
-            .route
-            .and_then(|ri| config.listeners[self.listener].routes.get(ri))
-            .map(|r| r.pool.as_str());
+        let pool = route_of(&config, self.listener, self.route).map(|r| r.pool.as_str());
         let (Some(pool), Some(head)) = (pool, self.head.take()) else {
             return Err("no request to replay".into());
         };
@@ -826,7 +823,7 @@ impl Run {
 
     /// The matched route, once routed.
     fn route_config(&self) -> Option<&crate::config::RouteConfig> {
-        self.config.listeners[self.listener].routes.get(self.route?)
+        route_of(&self.config, self.listener, self.route)
     }
 
     /// The matched route's path, for the logs.
@@ -952,6 +949,15 @@ impl Run {
 }
 
 /// Adds what the relay counted since the last flush to the process metrics.
+/// A session's route in its config snapshot: listener `listener`'s route number `route`.
+fn route_of(
+    config: &Config,
+    listener: usize,
+    route: Option<usize>,
+) -> Option<&crate::config::RouteConfig> {
+    config.listeners.get(listener)?.routes.get(route?)
+}
+
 fn flush_counters(m: &crate::metrics::Metrics, flushed: &mut Counters, now: &Counters) {
     m.messages_c2b
         .fetch_add(now.c2b_msgs - flushed.c2b_msgs, Relaxed);
