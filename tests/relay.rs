@@ -75,6 +75,26 @@ async fn close_from_client_passes_code_and_reason() {
     assert_eq!(reply.map(|f| code_of(&f)), Some(4001));
 }
 
+/// RFC 6455 §7.1.1: once the gateway has answered a client's close, the server side closes
+/// the TCP connection first. The gateway does so at once, with the answer, without waiting
+/// for the backend to finish its own closing handshake (here it never does).
+#[async_std::test]
+async fn client_close_answered_then_its_connection_ended_at_once() {
+    let b = Backend::start(BackendOpts::new("slow").mode(Mode::RawFramesNoCloseAnswer)).await;
+    let gw = gateway_with(&b, json!({})).await;
+    let mut c = raw_session(&gw).await;
+    c.write_frame(true, 8, b"\x0f\xa1bye").await; // 4001 "bye"
+    let f = next_frame(&mut c, "the close answer", |f| f.opcode == 8).await;
+    assert_eq!(f.payload, b"\x0f\xa1bye");
+    // The gateway gives the backend 2 s to answer its close; the client's end comes first.
+    assert!(within("the client's EOF", ms(1500), c.at_eof()).await);
+    b.wait_until("the backend got the close", |c| {
+        c.first()
+            .is_some_and(|r| r.raw_frames.iter().any(|f| f.opcode == 8))
+    })
+    .await;
+}
+
 /// §3 row "backend sent close frame → that code and reason, unchanged".
 #[async_std::test]
 async fn close_from_backend_passes_code_and_reason() {

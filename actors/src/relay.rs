@@ -20,6 +20,7 @@
 //! backend loss).
 
 use crate::rt::Timer;
+use crate::transport::Finish;
 use crate::wire::{self, ClosePayload, Kind, Parsed};
 use futures::channel::mpsc;
 use futures::task::{waker, ArcWake, AtomicWaker};
@@ -905,8 +906,8 @@ pub async fn close_both<C, B>(
     state: &mut RelayState,
     within: Duration,
 ) where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Finish + Unpin,
+    B: AsyncRead + AsyncWrite + Finish + Unpin,
 {
     let RelayState { c2b, b2c } = state;
     // Each side's own answer may already be among the bytes read from it.
@@ -924,7 +925,7 @@ pub async fn close_both<C, B>(
     futures::join!(c, b);
 }
 
-async fn close_side<S: AsyncRead + AsyncWrite + Unpin>(
+async fn close_side<S: AsyncRead + AsyncWrite + Finish + Unpin>(
     io: &mut S,
     side: Side,
     toward: &mut Dir,
@@ -940,12 +941,18 @@ async fn close_side<S: AsyncRead + AsyncWrite + Unpin>(
             Closing::Send(p) => (p, true),
             Closing::Answer(p) => (p, false),
         };
+        if !wait {
+            // The answer completes the handshake: it is the last thing this side is sent.
+            io.hold_for_fin();
+        }
         toward.core.set_oob(payload.frame(side), Oob::Close);
         if poll_fn(|cx| toward.poll_drain(cx, io)).await.is_err() {
             return;
         }
         if wait {
             wait_for_close(io, side, read).await;
+        } else {
+            io.finish();
         }
     })
     .await;

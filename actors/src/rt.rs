@@ -137,10 +137,7 @@ impl TcpListener {
         })
         .await?;
         Ok((
-            TcpStream(
-                reactor::Source::new(net::TcpStream::from(fd))?,
-                Drained::default(),
-            ),
+            TcpStream::new(reactor::Source::new(net::TcpStream::from(fd))?, false),
             peer,
         ))
     }
@@ -153,14 +150,25 @@ impl TcpListener {
 /// A TCP connection, registered edge-triggered in [`reactor`] (no re-arm per wait). Cloning
 /// shares the socket (the tunnel's two copy loops use one each).
 #[derive(Clone)]
-pub struct TcpStream(Arc<reactor::Source>, Drained);
-
-/// Whether this handle's last read returned less than it asked for, or nothing: the socket's
-/// receive queue was empty at that moment, so another read needs a new event first.
-#[derive(Clone, Copy, Default)]
-struct Drained(bool);
+pub struct TcpStream {
+    src: Arc<reactor::Source>,
+    /// Whether this handle's last read returned less than it asked for, or nothing: the
+    /// socket's receive queue was empty at that moment, so another read needs a new event
+    /// first.
+    drained: bool,
+    /// Set by [`TcpStream::hold_for_fin`]: this handle's writes are sent with `MSG_MORE`.
+    last: bool,
+}
 
 impl TcpStream {
+    fn new(src: Arc<reactor::Source>, drained: bool) -> TcpStream {
+        TcpStream {
+            src,
+            drained,
+            last: false,
+        }
+    }
+
     /// Connects without blocking: a non-blocking `connect`, then the first writable event.
     pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
         use socket2::{Domain, Socket, Type};
@@ -177,21 +185,31 @@ impl TcpStream {
         }
         // Registered before it was even connected, so every byte the peer sends comes with a
         // read event: the first read waits for one (a read now would find nothing).
-        Ok(TcpStream(src, Drained(true)))
+        Ok(TcpStream::new(src, true))
     }
 
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        self.0.io.set_nodelay(on)
+        self.src.io.set_nodelay(on)
     }
 
-    /// Half-closes the connection (`Shutdown::Write` sends a FIN).
+    /// Half-closes the connection (`Shutdown::Write` sends a FIN, with whatever writes
+    /// [`TcpStream::hold_for_fin`] kept back).
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        self.0.io.shutdown(how)
+        self.src.io.shutdown(how)
+    }
+
+    /// Marks this handle's next writes as its last before a `shutdown(Write)` or a close:
+    /// they are sent with `MSG_MORE`, so the kernel keeps a short last write back and sends
+    /// it with the FIN, in one segment instead of two (a closing handshake's last frame; the
+    /// peer is woken once). Any later write without it, the shutdown or the close, sends
+    /// them.
+    pub fn hold_for_fin(&mut self) {
+        self.last = true;
     }
 
     /// Waits for data and copies it without consuming it.
     pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let src = &*self.0;
+        let src = &*self.src;
         std::future::poll_fn(|cx| src.read.poll_io(cx, || src.io.peek(buf))).await
     }
 }
@@ -212,9 +230,15 @@ fn recv(s: &net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 
 /// One `send(2)` as a raw system call, with `MSG_NOSIGNAL` as std's: a peer that has gone
 /// away is an `EPIPE` error, not a `SIGPIPE`.
-fn send(s: &net::TcpStream, buf: &[u8]) -> io::Result<usize> {
+fn send(s: &net::TcpStream, buf: &[u8], more: bool) -> io::Result<usize> {
+    use rustix::net::SendFlags;
+    let flags = if more {
+        SendFlags::NOSIGNAL | SendFlags::MORE
+    } else {
+        SendFlags::NOSIGNAL
+    };
     loop {
-        match rustix::net::send(s, buf, rustix::net::SendFlags::NOSIGNAL) {
+        match rustix::net::send(s, buf, flags) {
             Ok(n) => return Ok(n),
             Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
@@ -233,19 +257,19 @@ impl AsyncRead for TcpStream {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let src = &*this.0;
+        let src = &*this.src;
         loop {
             let event = src.read.take();
-            let wait = this.1 .0 && !event && !src.hup.load(Ordering::Acquire);
+            let wait = this.drained && !event && !src.hup.load(Ordering::Acquire);
             if wait && src.read.poll(cx).is_pending() {
                 return Poll::Pending;
             }
             match recv(&src.io, buf) {
                 Ok(n) => {
-                    this.1 .0 = n > 0 && n < buf.len();
+                    this.drained = n > 0 && n < buf.len();
                     return Poll::Ready(Ok(n));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.1 .0 = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.drained = true,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -259,8 +283,8 @@ impl AsyncWrite for TcpStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let src = &*self.0;
-        src.write.poll_io(cx, || send(&src.io, buf))
+        let (src, more) = (&*self.src, self.last);
+        src.write.poll_io(cx, || send(&src.io, buf, more))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

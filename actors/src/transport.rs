@@ -79,6 +79,39 @@ macro_rules! delegate_io {
 delegate_io!(ClientStream);
 delegate_io!(BackendStream);
 
+/// How a closing handshake ends a connection's writing: its last frame and the FIN in one
+/// segment, so the peer is woken once for both.
+pub trait Finish {
+    /// The next writes are the last ones.
+    fn hold_for_fin(&mut self);
+    /// Sends the FIN (a half-close: reading goes on) with whatever was held back.
+    fn finish(&mut self);
+}
+
+/// The server's side of RFC 6455 §7.1.1: once the closing handshake is done, the server
+/// closes the TCP connection first. Over TLS nothing changes (its records are rustls's).
+impl Finish for ClientStream {
+    fn hold_for_fin(&mut self) {
+        if let ClientStream::Plain(s) = self {
+            s.hold_for_fin();
+        }
+    }
+    fn finish(&mut self) {
+        if let ClientStream::Plain(s) = self {
+            // A peer already gone has nothing to be told.
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+    }
+}
+
+/// Nothing: the backend is the server and closes first. A FIN from here would leave the
+/// connection's TIME_WAIT on the gateway's side, holding one of its ephemeral ports for a
+/// minute per session.
+impl Finish for BackendStream {
+    fn hold_for_fin(&mut self) {}
+    fn finish(&mut self) {}
+}
+
 macro_rules! splittable {
     ($t:ident) => {
         impl $t {

@@ -40,6 +40,9 @@ pub enum Mode {
     /// Complete the upgrade by hand and record the raw frames received (`raw_frames`);
     /// answers nothing but a close with a close. Shows how the gateway framed messages.
     RawFrames,
+    /// As `RawFrames`, but a close is never answered: the connection stays open until the
+    /// other side ends it (a backend slow to finish its closing handshake).
+    RawFramesNoCloseAnswer,
 }
 
 #[derive(Clone, Debug)]
@@ -278,8 +281,10 @@ async fn serve(stream: TcpStream, peer: SocketAddr, opts: BackendOpts, s: Arc<Sh
             }
         }
     }
-    if let Mode::RawFrames = opts.mode {
-        return serve_raw(stream, peer, s).await;
+    match opts.mode {
+        Mode::RawFrames => return serve_raw(stream, peer, s, true).await,
+        Mode::RawFramesNoCloseAnswer => return serve_raw(stream, peer, s, false).await,
+        _ => {}
     }
     // The record is stored when the request arrives, before the answer is written, so
     // whoever sees the answer (the gateway, then the client) can rely on it being there.
@@ -464,7 +469,7 @@ async fn read_raw_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<sup
     })
 }
 
-async fn serve_raw(mut stream: TcpStream, peer: SocketAddr, s: Arc<Shared>) {
+async fn serve_raw(mut stream: TcpStream, peer: SocketAddr, s: Arc<Shared>, answer_close: bool) {
     use futures::AsyncWriteExt;
     let mut buf = Vec::new();
     let end = loop {
@@ -522,7 +527,7 @@ async fn serve_raw(mut stream: TcpStream, peer: SocketAddr, s: Arc<Shared>) {
         let payload = f.payload.clone();
         s.conns.lock().unwrap()[idx].raw_frames.push(f);
         s.notify.notify();
-        if close {
+        if close && answer_close {
             let mut out = vec![0x88u8, payload.len() as u8];
             out.extend_from_slice(&payload);
             let _ = stream.write_all(&out).await;

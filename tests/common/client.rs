@@ -329,6 +329,12 @@ impl RawConn {
         }
     }
 
+    /// Whether the peer has ended the connection: nothing is left unread and a read finds
+    /// the end of the stream (bounded by `WAIT`).
+    pub async fn at_eof(&mut self) -> bool {
+        self.buf.is_empty() && self.fill().await == 0
+    }
+
     /// Reads one WebSocket frame (server → client frames are unmasked).
     pub async fn read_frame(&mut self) -> RawFrame {
         let h = self.read_exact_buf(2).await;

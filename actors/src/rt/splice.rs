@@ -128,10 +128,10 @@ impl SpliceBuf {
         from: &mut TcpStream,
     ) -> Poll<Result<usize, SpliceError>> {
         debug_assert!(self.is_empty(), "fill into a pipe that holds data");
-        let src = &*from.0;
+        let src = &*from.src;
         loop {
             let event = src.read.take();
-            if from.1 .0 && !event && !src.hup.load(Ordering::Acquire) {
+            if from.drained && !event && !src.hup.load(Ordering::Acquire) {
                 ready!(src.read.poll(cx));
             }
             let pipe = match &mut self.pipe {
@@ -142,7 +142,7 @@ impl SpliceBuf {
             };
             match sys::splice(src.io.as_fd(), pipe.w.as_fd(), pipe.cap) {
                 Ok(n) => {
-                    from.1 .0 = n > 0 && n < pipe.cap;
+                    from.drained = n > 0 && n < pipe.cap;
                     self.len = n;
                     if n == 0 {
                         self.release();
@@ -152,7 +152,7 @@ impl SpliceBuf {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Nothing to move: give the pipe back before waiting.
                     self.release();
-                    from.1 .0 = true;
+                    from.drained = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.raw_os_error() == Some(sys::EINVAL) => {
@@ -170,7 +170,7 @@ impl SpliceBuf {
     /// Splices the pipe's bytes out to `to` until the pipe is empty (waiting for writable
     /// when `to`'s send queue is full), then gives the pipe back.
     pub fn poll_drain(&mut self, cx: &mut Context<'_>, to: &TcpStream) -> Poll<io::Result<()>> {
-        let dst = &*to.0;
+        let dst = &*to.src;
         while self.len > 0 {
             let Some(pipe) = &self.pipe else {
                 self.len = 0; // unreachable: bytes are only ever in a held pipe
