@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Before/after of one change: two wsgate builds (and nginx) alternated on the same echo
-# backend, closed loop, one figure per run: messages per proxy CPU-second.
+# backend, one figure per run: closed loop (the default), messages per proxy CPU-second; with
+# `--test handshake`, 50 clients in a handshake loop (connect, upgrade, one echo, close),
+# sessions per proxy CPU-second.
 #
-#   bench/ab.sh BEFORE_BINARY AFTER_BINARY [--relay message|tunnel] [--size 64] [--reps 4] [--secs 6]
+#   bench/ab.sh BEFORE_BINARY AFTER_BINARY [--test closed|handshake] [--relay message|tunnel]
+#               [--size 64] [--reps 4] [--secs 6]
 #
 # Build BEFORE with e.g. `git worktree add /tmp/before REV && (cd /tmp/before &&
 # CARGO_TARGET_DIR=/tmp/before-target cargo build --release -p wsgate)`. Prints one line per
@@ -15,9 +18,10 @@ set -euo pipefail
 [ $# -ge 2 ] || { sed -n '2,12p' "$0"; exit 2; }
 A=$1 B=$2
 shift 2
-RELAY=message SIZE=64 REPS=4 SECS=6
+RELAY=message SIZE=64 REPS=4 SECS=6 TEST=closed
 while [ $# -gt 0 ]; do
     case "$1" in
+        --test) TEST=$2; shift ;;
         --relay) RELAY=$2; shift ;;
         --size) SIZE=$2; shift ;;
         --reps) REPS=$2; shift ;;
@@ -73,10 +77,16 @@ for rep in $(seq "$REPS"); do
         p=$!
         PIDS+=("$p")
         "$LOADGEN" wait-port --addr "127.0.0.1:$PPORT" --timeout-ms 10000
-        rec=$("$LOADGEN" closed --addr "127.0.0.1:$PPORT" --conns 50 --size "$SIZE" --secs "$SECS" \
-            --target "$t" --pid "$p")
-        GOT[$t,$rep]=$(jq -r '.msgs_per_cpu_s' <<<"$rec")
-        printf 'rep %s %-6s msgs/s %8.0f  msgs per proxy CPU-s %8.0f  faults %s\n' "$rep" "$t" \
+        if [ "$TEST" = handshake ]; then
+            rec=$("$LOADGEN" handshake --addr "127.0.0.1:$PPORT" --conns 50 --secs "$SECS" \
+                --target "$t" --pid "$p")
+            GOT[$t,$rep]=$(jq -r '.sessions_per_cpu_s' <<<"$rec")
+        else
+            rec=$("$LOADGEN" closed --addr "127.0.0.1:$PPORT" --conns 50 --size "$SIZE" --secs "$SECS" \
+                --target "$t" --pid "$p")
+            GOT[$t,$rep]=$(jq -r '.msgs_per_cpu_s' <<<"$rec")
+        fi
+        printf 'rep %s %-6s %s/s %8.0f  per proxy CPU-s %8.0f  faults %s\n' "$rep" "$t" "$TEST" \
             "$(jq -r '.rate' <<<"$rec")" "${GOT[$t,$rep]}" "$(jq -c '.faults' <<<"$rec")"
         kill "$p"
         wait "$p" 2>/dev/null || true
@@ -85,6 +95,6 @@ done
 median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 col() { for r in $(seq "$REPS"); do echo "${GOT[$1,$r]}"; done | median; }
 ratio() { for r in $(seq "$REPS"); do echo "${GOT[$1,$r]} ${GOT[$2,$r]}" | awk '{print $1 / $2}'; done | median; }
-printf 'medians over %s reps (%s relay, %s B): before %.0f, after %.0f, nginx %.0f; after/before %.3f, before/nginx %.3f, after/nginx %.3f\n' \
-    "$REPS" "$RELAY" "$SIZE" "$(col before)" "$(col after)" "$(col nginx)" \
+printf 'medians over %s reps (%s, %s relay, %s B): before %.0f, after %.0f, nginx %.0f; after/before %.3f, before/nginx %.3f, after/nginx %.3f\n' \
+    "$REPS" "$TEST" "$RELAY" "$SIZE" "$(col before)" "$(col after)" "$(col nginx)" \
     "$(ratio after before)" "$(ratio before nginx)" "$(ratio after nginx)"

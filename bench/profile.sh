@@ -211,6 +211,9 @@ count_syscalls() { # target msgs outfile
     stop_wait "$STOPPID" 5
 }
 
+# TCP segments sent by the whole machine so far (OutSegs of /proc/net/snmp).
+out_segs() { awk '$1 == "Tcp:" { if (h) { for (i = 1; i <= NF; i++) if (k[i] == "OutSegs") print $i } else { for (i = 1; i <= NF; i++) k[i] = $i; h = 1 } }' /proc/net/snmp; }
+
 # User and kernel clock ticks of all of pid $1's threads so far.
 ticks() { awk '{u += $14; s += $15} END {print u, s}' /proc/"$1"/task/*/stat; }
 
@@ -279,13 +282,20 @@ case "$MODE" in
             hs_perf=$!
             PIDS+=("$hs_perf")
             sleep 0.3 # perf attaches asynchronously; nothing to poll for
+            segs0=$(out_segs)
             n=$(hs_load "$HS_SECS")
+            segs1=$(out_segs)
             stop_wait "$hs_perf" 5 INT
             stop_wait "$STOPPID" 5
             echo "$t: $n sessions" >&2
             awk -F, -v n="$n" -v t="$t" '
                 $3 != "" { d = $1 / n; if (d > 0.005) printf "%-16s %-26s %.2f\n", t, $3, d }' \
                 "$OUT/$t-hs.csv" | sort -k3 -nr | tee -a "$OUT/syscalls-handshake.txt"
+            # Segments are the kernel's unit of work on loopback: each is sent, received
+            # and often answered. Counted for the whole machine (clients, proxy, backend).
+            awk -v d=$((segs1 - segs0)) -v n="$n" -v t="$t" \
+                'BEGIN { printf "%-16s %-26s %.2f\n", t, "tcp segments (all sockets)", d / n }' |
+                tee -a "$OUT/syscalls-handshake.txt"
         done ;;
     cpu-handshake)
         # User and kernel CPU of the proxy per session (utime/stime of all its threads from
