@@ -8,7 +8,8 @@
 #   --reps N  --closed-secs S  --open-secs S  --open-rate R  --conns N  --sizes "64 65536"
 #   --idle-sessions N  --idle-hold S  --idle-procs N  --hs-secs S  --hs-conns N
 #   --targets "direct wsgate-message wsgate-tunnel nginx haproxy"   (the default; add
-#              "floor" for floor-proxy, the least a proxy on wsgate's runtime can do)
+#              "floor" for floor-proxy, the least a proxy on wsgate's runtime can do, and
+#              "floor-actors" for floor-proxy --actors, that plus the design card's actors)
 #   --tests "closed open idle handshake"   --no-build   --out FILE.json
 #   --quiet-budget S   total seconds the run may wait, before runs, for other processes on
 #                      the machine to go quiet (default 20; 0 = never wait)
@@ -123,7 +124,7 @@ wait_log() {
 }
 
 BPORT=19080
-declare -A PORT=([direct]=$BPORT [wsgate-message]=19081 [wsgate-tunnel]=19082 [nginx]=19083 [haproxy]=19084 [floor]=19085)
+declare -A PORT=([direct]=$BPORT [wsgate-message]=19081 [wsgate-tunnel]=19082 [nginx]=19083 [haproxy]=19084 [floor]=19085 [floor-actors]=19086)
 
 # ---------------------------------------------------------------- backend (own process)
 "${ON_OTHER_CPUS[@]}" "$ECHO" --bind "127.0.0.1:$BPORT" --secs 3600 >"$TMP/echo.out" 2>"$TMP/echo.err" &
@@ -228,11 +229,13 @@ start_target() {
             PIDS+=("$TPID")
             "$LOADGEN" wait-port --addr "$TADDR" --timeout-ms 10000
             ;;
-        floor)
+        floor|floor-actors)
             [ -x "$FLOOR" ] || { echo "missing $FLOOR" >&2; exit 1; }
             : >"$TMP/floor.err"
+            local actors=()
+            [ "$t" = floor-actors ] && actors=(--actors)
             ASYNC_STD_THREAD_COUNT=1 "${ON_PROXY_CPU[@]}" "$FLOOR" --listen "$TADDR" --backend "127.0.0.1:$BPORT" \
-                2>"$TMP/floor.err" >/dev/null &
+                "${actors[@]}" 2>"$TMP/floor.err" >/dev/null &
             TPID=$!
             PIDS+=("$TPID")
             wait_log "$TMP/floor.err" "listening on"

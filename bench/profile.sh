@@ -16,10 +16,12 @@
 #                                          3 runs of 5 s after a 1 s warm-up, each and the median;
 #                                          then µs per session in each syscall (perf cpu-clock)
 #
-# targets: any of wsgate-message wsgate-tunnel nginx haproxy floor (default: the first four
-# for syscalls, wsgate-message wsgate-tunnel for callgrind). floor is
+# targets: any of wsgate-message wsgate-tunnel nginx haproxy floor floor-actors (default: the
+# first four for syscalls, wsgate-message wsgate-tunnel for callgrind). floor is
 # target/release/floor-proxy (bench/loadgen/src/bin/floor_proxy.rs): the least a proxy on
-# wsgate's runtime can do (a byte tunnel after passing the heads through), its lower bound.
+# wsgate's runtime can do (a byte tunnel after passing the heads through), its lower bound;
+# floor-actors is floor-proxy --actors: that plus the design card's actors (an xactor actor
+# per connection, the backend from a pool actor by a mailbox call).
 # Needs perf (linux-perf) / valgrind; builds nothing: run bench/compare.sh --quick (or
 # cargo build --release -p wsgate -p wsgate-loadgen) first.
 # Output goes to bench/results/profile-<stamp>/ (callgrind.out files, annotated listings).
@@ -167,9 +169,11 @@ start() {
             ${WRAP:-} haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/proxy.err" 2>&1 &
             TPID=$!
             PIDS+=("$TPID") ;;
-        floor)
+        floor|floor-actors)
+            local actors=()
+            [ "$t" = floor-actors ] && actors=(--actors)
             ASYNC_STD_THREAD_COUNT=1 ${WRAP:-} "$FLOOR" --listen "127.0.0.1:$PPORT" \
-                --backend "127.0.0.1:$BPORT" 2>"$TMP/proxy.err" >/dev/null &
+                --backend "127.0.0.1:$BPORT" "${actors[@]}" 2>"$TMP/proxy.err" >/dev/null &
             TPID=$!
             PIDS+=("$TPID")
             wait_log "$TMP/proxy.err" "listening on" 120 ;;

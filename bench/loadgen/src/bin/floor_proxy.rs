@@ -11,16 +11,26 @@
 //! both ways, frames unparsed, half-closing a direction when its source ends. Whatever is
 //! built on this runtime does at least this much per session and per message.
 //!
-//! `floor-proxy --listen 127.0.0.1:PORT --backend 127.0.0.1:PORT` prints `listening on ADDR`
-//! to stderr once bound. Run it with `ASYNC_STD_THREAD_COUNT=1`, as wsgate in the benchmarks.
+//! With `--actors`, it adds the structure the design card fixes for the gateway, and only
+//! that: each connection is an xactor actor (its `started` makes the control channel and
+//! spawns the connection's task, which holds the actor's address and drops it at the end,
+//! as wsgate's session does), the backend comes from a pool actor by a `call` (a mailbox
+//! message and its reply, as wsgate's `PickBackends`), and the copy loops end early if a
+//! control event arrives. What that costs per session is the design's, not wsgate's.
+//!
+//! `floor-proxy --listen 127.0.0.1:PORT --backend 127.0.0.1:PORT [--actors]` prints
+//! `listening on ADDR` to stderr once bound. Run it with `ASYNC_STD_THREAD_COUNT=1`, as wsgate
+//! in the benchmarks.
 
-use futures::future::join;
-use futures::{AsyncReadExt, AsyncWriteExt};
+use futures::channel::mpsc;
+use futures::future::{join, select};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 use wsgate_actors::rt::{self, TcpListener, TcpStream};
 use wsgate_loadgen::Args;
+use xactor::{Actor, Addr, Context, Handler, Message};
 
 /// Each direction's copy buffer (the size the gateway's tunnel starts with); the two together
 /// hold the heads before the copy starts, so a head may have up to 2 KiB. Kept small because
@@ -34,8 +44,17 @@ fn main() {
     let args = Args::parse(std::env::args().skip(1));
     let listen = args.addr("listen");
     let backend = args.addr("backend");
+    let actors = args.opt("actors").is_some();
     // The accept loop is a task on the executor, as wsgate's listener is; this thread waits.
     let accept = rt::spawn(async move {
+        let pool = if actors {
+            match (Pool { backend }).start().await {
+                Ok(p) => Some(p),
+                Err(e) => return eprintln!("floor-proxy: pool actor: {e}"),
+            }
+        } else {
+            None
+        };
         let listener = match TcpListener::bind(listen).await {
             Ok(l) => l,
             Err(e) => return eprintln!("floor-proxy: bind {listen}: {e}"),
@@ -46,9 +65,18 @@ fn main() {
         }
         loop {
             match listener.accept().await {
-                Ok((client, _)) => {
-                    rt::spawn(session(client, backend));
-                }
+                Ok((client, _)) => match &pool {
+                    None => drop(rt::spawn(session(client, backend))),
+                    Some(pool) => {
+                        let conn = Conn {
+                            start: Some((client, pool.clone())),
+                            control: None,
+                        };
+                        if let Err(e) = conn.start().await {
+                            eprintln!("floor-proxy: connection actor: {e}");
+                        }
+                    }
+                },
                 Err(e) => {
                     eprintln!("floor-proxy: accept: {e}");
                     // EMFILE and the like: back off briefly instead of spinning.
@@ -64,6 +92,63 @@ fn main() {
 /// One connection, start to end; any error just ends it (both sockets close on drop).
 async fn session(client: TcpStream, backend: SocketAddr) {
     let _ = tunnel(client, backend).await;
+}
+
+/// `--actors`: the pool actor, which only names the backend.
+struct Pool {
+    backend: SocketAddr,
+}
+
+impl Actor for Pool {}
+
+/// `--actors`: a connection's request for its backend (wsgate's `PickBackends`).
+struct Pick;
+
+impl Message for Pick {
+    type Result = SocketAddr;
+}
+
+#[async_trait::async_trait]
+impl Handler<Pick> for Pool {
+    async fn handle(&mut self, _ctx: &mut Context<Self>, _msg: Pick) -> SocketAddr {
+        self.backend
+    }
+}
+
+/// `--actors`: one connection's actor. It hears nothing here; its control channel is there
+/// because wsgate's session actor forwards its control events through one.
+struct Conn {
+    start: Option<(TcpStream, Addr<Pool>)>,
+    control: Option<mpsc::UnboundedSender<()>>,
+}
+
+#[async_trait::async_trait]
+impl Actor for Conn {
+    async fn started(&mut self, ctx: &mut Context<Self>) -> xactor::Result<()> {
+        let (tx, rx) = mpsc::unbounded();
+        self.control = Some(tx);
+        if let Some((client, pool)) = self.start.take() {
+            let me = ctx.address();
+            rt::spawn(async move {
+                let _ = actor_tunnel(client, pool, rx).await;
+                drop(me); // the actor's last address: it stops
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `--actors`: the tunnel, with the backend from the pool actor and the copy loops raced
+/// against the control channel.
+async fn actor_tunnel(
+    client: TcpStream,
+    pool: Addr<Pool>,
+    mut control: mpsc::UnboundedReceiver<()>,
+) -> io::Result<()> {
+    let backend = pool.call(Pick).await.map_err(io::Error::other)?;
+    let t = tunnel(client, backend);
+    select(Box::pin(t), control.next()).await;
+    Ok(())
 }
 
 async fn tunnel(mut client: TcpStream, backend: SocketAddr) -> io::Result<()> {
