@@ -2,27 +2,31 @@
 //! medians over the repetitions, with min–max, and wsgate/nginx, wsgate/haproxy ratios
 //! computed per repetition (the runs of one repetition were interleaved, so they saw the same
 //! machine drift) and then summarised the same way. A column (and its ratios) appears when the
-//! records have that target: `floor` (bench/compare.sh `--targets "... floor ..."`) only when
-//! asked for.
+//! records have that target: `floor` and `floor-actors` (bench/compare.sh `--targets "...
+//! floor floor-actors ..."`) only when asked for.
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
-const TARGETS: [&str; 6] = [
+const TARGETS: [&str; 7] = [
     "direct",
     "wsgate-message",
     "wsgate-tunnel",
     "floor",
+    "floor-actors",
     "nginx",
     "haproxy",
 ];
-const RATIOS: [(&str, &str); 6] = [
+const RATIOS: [(&str, &str); 9] = [
     ("wsgate-message", "nginx"),
     ("wsgate-message", "haproxy"),
     ("wsgate-tunnel", "nginx"),
     ("wsgate-tunnel", "haproxy"),
     ("floor", "nginx"),
     ("floor", "haproxy"),
+    ("floor-actors", "nginx"),
+    ("floor-actors", "haproxy"),
+    ("wsgate-message", "floor-actors"),
 ];
 
 fn get(v: &Value, path: &str) -> Option<f64> {
