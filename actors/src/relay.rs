@@ -16,8 +16,10 @@
 //! split across backends by a failover.
 //!
 //! The loop ends with an [`Outcome`]; [`close_side`] then runs the closing handshake that
-//! outcome calls for. The session actor decides what an outcome means (e.g. failover on
-//! backend loss).
+//! outcome calls for, both sides at once. A side whose close is answered (its handshake is
+//! then complete) gets the answer and, where its transport allows ([`Finish`]: a plain
+//! client connection), the FIN in the same segment. The session actor decides what an
+//! outcome means (e.g. failover on backend loss).
 
 use crate::rt::Timer;
 use crate::transport::Finish;
