@@ -12,6 +12,7 @@
 #   bench/profile.sh callgrind-handshake [targets]   instructions per session, 2 s vs 8 s of load
 #   bench/profile.sh syscalls-handshake [targets]    syscalls per session (perf tracepoint
 #                                          counts over 5 s of load / the sessions it completed)
+#                                          and TCP segments per session (the whole machine's)
 #   bench/profile.sh cpu-handshake [targets]         user and kernel CPU µs per session (/proc),
 #                                          3 runs of 5 s after a 1 s warm-up, each and the median;
 #                                          then µs per session in each syscall (perf cpu-clock)
