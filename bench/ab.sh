@@ -30,6 +30,13 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+# The load and the figure read from its record.
+case "$TEST" in
+    handshake) LOAD=(handshake --conns 50 --secs "$SECS") FIGURE=sessions_per_cpu_s ;;
+    closed) LOAD=(closed --conns 50 --size "$SIZE" --secs "$SECS") FIGURE=msgs_per_cpu_s ;;
+    *) echo "ab.sh: --test closed|handshake, not $TEST" >&2; exit 2 ;;
+esac
+
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LOADGEN=$ROOT/target/release/loadgen ECHO=$ROOT/target/release/echo-backend
 for b in "$A" "$B" "$LOADGEN" "$ECHO"; do [ -x "$b" ] || { echo "missing $b" >&2; exit 1; }; done
@@ -77,15 +84,8 @@ for rep in $(seq "$REPS"); do
         p=$!
         PIDS+=("$p")
         "$LOADGEN" wait-port --addr "127.0.0.1:$PPORT" --timeout-ms 10000
-        if [ "$TEST" = handshake ]; then
-            rec=$("$LOADGEN" handshake --addr "127.0.0.1:$PPORT" --conns 50 --secs "$SECS" \
-                --target "$t" --pid "$p")
-            GOT[$t,$rep]=$(jq -r '.sessions_per_cpu_s' <<<"$rec")
-        else
-            rec=$("$LOADGEN" closed --addr "127.0.0.1:$PPORT" --conns 50 --size "$SIZE" --secs "$SECS" \
-                --target "$t" --pid "$p")
-            GOT[$t,$rep]=$(jq -r '.msgs_per_cpu_s' <<<"$rec")
-        fi
+        rec=$("$LOADGEN" "${LOAD[@]}" --addr "127.0.0.1:$PPORT" --target "$t" --pid "$p")
+        GOT[$t,$rep]=$(jq -r ".$FIGURE" <<<"$rec")
         printf 'rep %s %-6s %s/s %8.0f  per proxy CPU-s %8.0f  faults %s\n' "$rep" "$t" "$TEST" \
             "$(jq -r '.rate' <<<"$rec")" "${GOT[$t,$rep]}" "$(jq -c '.faults' <<<"$rec")"
         kill "$p"

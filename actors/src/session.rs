@@ -948,7 +948,6 @@ impl Run {
     }
 }
 
-/// Adds what the relay counted since the last flush to the process metrics.
 /// A session's route in its config snapshot: listener `listener`'s route number `route`.
 fn route_of(
     config: &Config,
@@ -958,6 +957,7 @@ fn route_of(
     config.listeners.get(listener)?.routes.get(route?)
 }
 
+/// Adds what the relay counted since the last flush to the process metrics.
 fn flush_counters(m: &crate::metrics::Metrics, flushed: &mut Counters, now: &Counters) {
     m.messages_c2b
         .fetch_add(now.c2b_msgs - flushed.c2b_msgs, Relaxed);
