@@ -84,13 +84,13 @@ async fn handle(
         Ok(Ok((head, _))) => head,
         _ => return,
     };
-    let path = head.target.split('?').next().unwrap_or("");
+    let path = head.target().split('?').next().unwrap_or("");
     let Some(shared) = gateway.shared() else {
         return;
     };
     let text =
         |status, body: &[u8]| simple_response(status, &[("Content-Type", "text/plain")], body);
-    let response = match (head.method.as_str(), path) {
+    let response = match (head.method(), path) {
         ("GET", "/metrics") => simple_response(
             200,
             &[("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],

@@ -91,18 +91,43 @@ use std::ops::Range;
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 
-/// A parsed HTTP/1.1 request head.
+/// A parsed HTTP/1.1 request head. The method and target share the header fields' buffer.
 #[derive(Debug, Clone)]
 pub struct RequestHead {
-    pub method: String,
-    /// Path and query, exactly as sent.
-    pub target: String,
     /// HTTP minor version (1 for HTTP/1.1).
     pub minor_version: u8,
     pub headers: Headers,
+    /// Where the method ends (and the target starts) in the fields' buffer.
+    method_end: u32,
 }
 
 impl RequestHead {
+    /// A head from its parts (heads off the wire come from [`read_head`]).
+    pub fn new<N: AsRef<str>, V: AsRef<[u8]>>(
+        method: &str,
+        target: &str,
+        minor_version: u8,
+        fields: impl IntoIterator<Item = (N, V)>,
+    ) -> RequestHead {
+        let fields: Vec<(N, V)> = fields.into_iter().collect();
+        let each = fields.iter().map(|(n, v)| (n.as_ref(), v.as_ref()));
+        RequestHead {
+            minor_version,
+            headers: Headers::build([method, target], each),
+            method_end: method.len() as u32,
+        }
+    }
+
+    pub fn method(&self) -> &str {
+        self.headers.prefix(0..self.method_end as usize)
+    }
+
+    /// Path and query, exactly as sent.
+    pub fn target(&self) -> &str {
+        self.headers
+            .prefix(self.method_end as usize..self.headers.names_at as usize)
+    }
+
     /// The first value of a header, if it is valid UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
         header_in(&self.headers, name)
@@ -180,8 +205,12 @@ fn parse_error(e: httparse::Error) -> HeadError {
 /// tokens, so they are always text. Values are the bytes httparse accepted.
 #[derive(Debug, Clone, Default)]
 pub struct Headers {
+    /// The head's line parts (a request's method and target, a response's reason), then
+    /// every name, then every value.
     text: HeadText,
-    /// Where the values start in `text` (the names' total length).
+    /// Where the names start in `text` (the line parts' total length).
+    names_at: u32,
+    /// Where the values start in `text`.
     values_at: u32,
     /// Per field: where its name ends and where its value ends in `text` (each starts where
     /// the previous field's ends; the first value at `values_at`).
@@ -225,17 +254,26 @@ impl HeadText {
 }
 
 impl Headers {
-    fn from_parsed(parsed: &[httparse::Header<'_>]) -> Headers {
-        Headers::build(parsed.iter().map(|f| (f.name, f.value)))
+    fn from_parsed<const N: usize>(line: [&str; N], parsed: &[httparse::Header<'_>]) -> Headers {
+        Headers::build(line, parsed.iter().map(|f| (f.name, f.value)))
     }
 
-    /// Heads are at most `MAX_HEAD_BYTES`, so the offsets fit in `u32`.
-    fn build<'a>(each: impl Iterator<Item = (&'a str, &'a [u8])> + Clone) -> Headers {
-        let (fields, len) = each.clone().fold((0, 0), |(k, n), (name, value)| {
+    /// `line`: the head's line parts, stored before the names (one allocation for the
+    /// whole head's text, not one more per part). Heads are at most `MAX_HEAD_BYTES`, so
+    /// the offsets fit in `u32`.
+    fn build<'a, const N: usize>(
+        line: [&str; N],
+        each: impl Iterator<Item = (&'a str, &'a [u8])> + Clone,
+    ) -> Headers {
+        let names_at: usize = line.iter().map(|p| p.len()).sum();
+        let (fields, len) = each.clone().fold((0, names_at), |(k, n), (name, value)| {
             (k + 1, n + name.len() + value.len())
         });
         let mut text = Vec::with_capacity(len);
         let mut ends = Vec::with_capacity(fields);
+        for part in line {
+            text.extend_from_slice(part.as_bytes());
+        }
         for (name, _) in each.clone() {
             text.extend_from_slice(name.as_bytes());
             ends.push((text.len() as u32, 0));
@@ -247,14 +285,20 @@ impl Headers {
         }
         Headers {
             text: HeadText::new(text),
+            names_at: names_at as u32,
             values_at,
             ends,
         }
     }
 
+    /// A line part (pushed as `str`, so it always reads back as text).
+    fn prefix(&self, r: Range<usize>) -> &str {
+        self.text.text(r).unwrap_or_default()
+    }
+
     /// Every field's name range and value range in `text`, in the order sent.
     fn spans(&self) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + '_ {
-        let mut start = (0, self.values_at as usize);
+        let mut start = (self.names_at as usize, self.values_at as usize);
         self.ends.iter().map(move |&(n, v)| {
             let (n, v) = (n as usize, v as usize);
             let (ns, vs) = std::mem::replace(&mut start, (n, v));
@@ -299,7 +343,7 @@ impl Headers {
 impl<N: AsRef<str>, V: AsRef<[u8]>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(fields: I) -> Headers {
         let fields: Vec<(N, V)> = fields.into_iter().collect();
-        Headers::build(fields.iter().map(|(n, v)| (n.as_ref(), v.as_ref())))
+        Headers::build([], fields.iter().map(|(n, v)| (n.as_ref(), v.as_ref())))
     }
 }
 
@@ -314,15 +358,16 @@ pub async fn read_head<S: AsyncRead + Unpin>(
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(bytes).map_err(parse_error)? {
             httparse::Status::Partial => Ok(None),
-            httparse::Status::Complete(len) => Ok(Some((
-                RequestHead {
-                    method: req.method.unwrap_or_default().to_string(),
-                    target: req.path.unwrap_or_default().to_string(),
+            httparse::Status::Complete(len) => {
+                let method = req.method.unwrap_or_default();
+                let target = req.path.unwrap_or_default();
+                let head = RequestHead {
                     minor_version: req.version.unwrap_or(0),
-                    headers: Headers::from_parsed(req.headers),
-                },
-                len,
-            ))),
+                    headers: Headers::from_parsed([method, target], req.headers),
+                    method_end: method.len() as u32,
+                };
+                Ok(Some((head, len)))
+            }
         }
     })
     .await
@@ -342,8 +387,7 @@ pub async fn read_response_head<S: AsyncRead + Unpin>(
             httparse::Status::Complete(len) => Ok(Some((
                 ResponseHead {
                     status: resp.code.unwrap_or(0),
-                    reason: resp.reason.unwrap_or_default().to_string(),
-                    headers: Headers::from_parsed(resp.headers),
+                    headers: Headers::from_parsed([resp.reason.unwrap_or_default()], resp.headers),
                 },
                 len,
             ))),
@@ -356,11 +400,15 @@ pub async fn read_response_head<S: AsyncRead + Unpin>(
 #[derive(Debug, Clone)]
 pub struct ResponseHead {
     pub status: u16,
-    pub reason: String,
+    /// The reason phrase is kept in the fields' buffer ([`ResponseHead::reason`]).
     pub headers: Headers,
 }
 
 impl ResponseHead {
+    pub fn reason(&self) -> &str {
+        self.headers.prefix(0..self.headers.names_at as usize)
+    }
+
     /// The first value of a header, if it is valid UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
         header_in(&self.headers, name)
@@ -422,7 +470,7 @@ pub fn check_upgrade(head: &RequestHead) -> Result<(), UpgradeProblem> {
     let key_ok = head
         .header("sec-websocket-key")
         .is_some_and(|k| k.len() == 24);
-    if head.method != "GET"
+    if head.method() != "GET"
         || head.minor_version != 1
         || !key_ok
         || head.header("sec-websocket-version") != Some("13")
@@ -456,31 +504,31 @@ pub struct ClientInfo {
 /// `X-Real-IP` when `headers.forwarded`, then `headers.set`. `pass_extensions` forwards
 /// `Sec-WebSocket-Extensions` (tunnel relay only). Header values are the client's as
 /// httparse accepted them, and `headers.set` is validated at load: no CR/LF can get in.
+/// Appended to `out`.
 pub fn upstream_request(
+    out: &mut Vec<u8>,
     head: &RequestHead,
     backend: std::net::SocketAddr,
     client: ClientInfo,
     cfg: &HeadersConfig,
     pass_extensions: bool,
-) -> Vec<u8> {
+) {
     // A request without Host (HTTP/1.0) gets the backend's address.
     let host: std::borrow::Cow<'_, str> = match head.header("host") {
         Some(h) => h.into(),
         None => backend.to_string().into(),
     };
     let key = head.header("sec-websocket-key").unwrap_or_default();
-    let mut out = Vec::with_capacity(512);
-    put_line(&mut out, &head.target);
-    put_field(&mut out, "Host", host.as_bytes());
-    put_field(&mut out, "Connection", b"Upgrade");
-    put_field(&mut out, "Upgrade", b"websocket");
-    put_field(&mut out, "Sec-WebSocket-Version", b"13");
-    put_field(&mut out, "Sec-WebSocket-Key", key.as_bytes());
-    put_client_fields(&mut out, head, client, cfg, |f| {
+    put_line(out, head.target());
+    put_field(out, "Host", host.as_bytes());
+    put_field(out, "Connection", b"Upgrade");
+    put_field(out, "Upgrade", b"websocket");
+    put_field(out, "Sec-WebSocket-Version", b"13");
+    put_field(out, "Sec-WebSocket-Key", key.as_bytes());
+    put_client_fields(out, head, client, cfg, |f| {
         gateway_writes(f, pass_extensions)
     });
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// Whether a handshake field is the gateway's to write, never copied from one side's head to
@@ -612,7 +660,8 @@ pub struct Upgraded {
     pub rest: Vec<u8>,
 }
 
-/// Sends an upgrade request and reads the answer (the caller bounds it in time): `Ok` for a
+/// Sends an upgrade request (`buf`'s bytes) and reads the answer into `buf` (one buffer for
+/// a session's heads: the caller's, reused; the caller bounds it in time): `Ok` for a
 /// 101 that checks out (`accept`, the accept key the request's key calls for,
 /// `Upgrade`/`Connection`, a subprotocol the client offered); `Err(Ok(..))` for any other
 /// status, for the caller to judge (4xx passed to the client, 5xx retried);
@@ -620,16 +669,16 @@ pub struct Upgraded {
 /// its head is kept, so nothing is swallowed by a library's buffer.
 pub async fn raw_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    request: &[u8],
+    buf: &mut Vec<u8>,
     accept: &str,
     offered: Option<&str>,
 ) -> Result<Upgraded, Result<Upgraded, String>> {
     stream
-        .write_all(request)
+        .write_all(buf)
         .await
         .map_err(|e| Err(format!("upgrade: {e}")))?;
-    let mut buf = Vec::with_capacity(1024);
-    let (response, len) = read_response_head(stream, &mut buf)
+    buf.clear();
+    let (response, len) = read_response_head(stream, buf)
         .await
         .map_err(|e| Err(format!("upgrade: {e}")))?;
     let rest = buf.split_off(len);
@@ -657,9 +706,13 @@ pub async fn raw_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// The 101 answer to the client: the accept key for its `Sec-WebSocket-Key` ([`accept_key`]),
 /// and the backend's chosen subprotocol and end-to-end headers (e.g. `Set-Cookie`); with
-/// `pass_extensions`, its extensions too.
-pub fn switching_protocols(accept: &str, backend: &ResponseHead, pass_extensions: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(160);
+/// `pass_extensions`, its extensions too. Appended to `out`.
+pub fn switching_protocols(
+    out: &mut Vec<u8>,
+    accept: &str,
+    backend: &ResponseHead,
+    pass_extensions: bool,
+) {
     out.extend_from_slice(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
     );
@@ -676,7 +729,6 @@ pub fn switching_protocols(accept: &str, backend: &ResponseHead, pass_extensions
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// `Sec-WebSocket-Accept` for the request's `Sec-WebSocket-Key` (RFC 6455 §4.2.2): computed
@@ -768,15 +820,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn head(headers: &[(&str, &str)]) -> RequestHead {
-        RequestHead {
-            method: "GET".into(),
-            target: "/chat?room=1".into(),
-            minor_version: 1,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-                .collect(),
-        }
+        RequestHead::new("GET", "/chat?room=1", 1, headers.iter().copied())
     }
 
     const UPGRADE: [(&str, &str); 4] = [
@@ -954,7 +998,9 @@ mod tests {
                 .unwrap()
                 .0
         };
-        let bytes = upstream_request(
+        let mut bytes = Vec::new();
+        upstream_request(
+            &mut bytes,
             &head(&h),
             ([127, 0, 0, 1], 8010).into(),
             client,
@@ -969,10 +1015,7 @@ mod tests {
                 .map(|(_, v)| String::from_utf8(v.to_vec()).unwrap())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(
-            (req.method.as_str(), req.target.as_str()),
-            ("GET", "/chat?room=1")
-        );
+        assert_eq!((req.method(), req.target()), ("GET", "/chat?room=1"));
         assert_eq!(hv("host"), ["gw.example:8020"]);
         assert_eq!(hv("x-forwarded-for"), ["10.0.0.1, 127.0.0.9"]);
         assert_eq!(hv("x-forwarded-proto"), ["http"]);
@@ -986,7 +1029,9 @@ mod tests {
         assert!(hv("x-drop").is_empty());
         assert_eq!(hv("connection"), ["Upgrade"]);
         assert_eq!(hv("sec-websocket-key"), ["dGhlIHNhbXBsZSBub25jZQ=="]);
-        let tunnel = upstream_request(&head(&h), ([127, 0, 0, 1], 8011).into(), client, &cfg, true);
+        let mut tunnel = Vec::new();
+        let to = ([127, 0, 0, 1], 8011).into();
+        upstream_request(&mut tunnel, &head(&h), to, client, &cfg, true);
         assert_eq!(
             parse(tunnel).header("sec-websocket-extensions"),
             Some("permessage-deflate")
@@ -1046,7 +1091,6 @@ mod tests {
         assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         let backend = ResponseHead {
             status: 101,
-            reason: "Switching Protocols".into(),
             headers: [
                 ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
                 ("Set-Cookie", "a=b"),
@@ -1055,7 +1099,9 @@ mod tests {
             .into_iter()
             .collect(),
         };
-        let answer = String::from_utf8(switching_protocols(&accept, &backend, false)).unwrap();
+        let mut answer = Vec::new();
+        switching_protocols(&mut answer, &accept, &backend, false);
+        let answer = String::from_utf8(answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
         assert_eq!(
             answer
@@ -1073,7 +1119,7 @@ mod tests {
         let raw = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n\x81\x00";
         let mut buf = Vec::new();
         let (h, len) = async_std::task::block_on(read_head(&mut &raw[..], &mut buf)).unwrap();
-        assert_eq!(h.target, "/x");
+        assert_eq!(h.target(), "/x");
         assert_eq!(&buf[len..], b"\x81\x00");
         let mut buf = Vec::new();
         assert!(matches!(

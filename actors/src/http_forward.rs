@@ -54,7 +54,7 @@ pub fn request_head(
     client: ClientInfo,
     cfg: &crate::config::HeadersConfig,
 ) -> Vec<u8> {
-    let mut out = format!("{} {} HTTP/1.1\r\n", head.method, head.target).into_bytes();
+    let mut out = format!("{} {} HTTP/1.1\r\n", head.method(), head.target()).into_bytes();
     put_client_fields(&mut out, head, client, cfg, |_| false);
     put_field(&mut out, "Connection", b"close");
     out.extend_from_slice(b"\r\n");
@@ -202,7 +202,7 @@ async fn relay_response(
         .await
         .map_err(|e| format!("backend response: {e}"))?;
     let status = resp.status;
-    let mut head = format!("HTTP/1.1 {status} {}\r\n", resp.reason).into_bytes();
+    let mut head = format!("HTTP/1.1 {status} {}\r\n", resp.reason()).into_bytes();
     for (name, value) in resp.headers.iter().filter(|(n, _)| !is_hop_by_hop(n)) {
         head.extend_from_slice(name.as_bytes());
         head.extend_from_slice(b": ");
@@ -242,15 +242,7 @@ mod tests {
     use crate::handshake::upstream_request;
 
     fn head(headers: &[(&str, &str)]) -> RequestHead {
-        RequestHead {
-            method: "POST".into(),
-            target: "/echo?x=1".into(),
-            minor_version: 1,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-                .collect(),
-        }
+        RequestHead::new("POST", "/echo?x=1", 1, headers.iter().copied())
     }
 
     #[test]
@@ -316,13 +308,9 @@ mod tests {
         assert!(out.contains(xff), "{out}");
         assert!(out.contains("X-Forwarded-Proto: https\r\n"), "{out}");
         assert!(!out.contains("X-Forwarded-Host"), "{out}");
-        let ws = upstream_request(
-            &h,
-            ([127, 0, 0, 1], 9).into(),
-            client,
-            &Default::default(),
-            false,
-        );
+        let mut ws = Vec::new();
+        let to = ([127, 0, 0, 1], 9).into();
+        upstream_request(&mut ws, &h, to, client, &Default::default(), false);
         let ws = String::from_utf8(ws).unwrap();
         assert!(ws.contains(xff) && !ws.contains("X-Forwarded-Host"), "{ws}");
     }

@@ -965,8 +965,10 @@ async fn close_side<S: AsyncRead + AsyncWrite + Finish + Unpin>(
 async fn wait_for_close<S: AsyncRead + Unpin>(io: &mut S, side: Side, mut seen: Vec<u8>) {
     use futures::AsyncReadExt;
     // Read straight into `seen`, a step at a time: its capacity is reused, so each read
-    // zero-fills only its step (a zeroed 2 KiB chunk was a session's one calloc).
-    const STEP: usize = 1024;
+    // zero-fills only its step (a zeroed 2 KiB chunk was a session's one calloc). The
+    // first step fits the usual read, a close frame (at most 139 bytes); steps double
+    // while reads fill them (frames still in flight before the close), up to 16 KiB.
+    let mut step = 256;
     let mut skip = 0usize;
     loop {
         let mut at = 0;
@@ -986,10 +988,15 @@ async fn wait_for_close<S: AsyncRead + Unpin>(io: &mut S, side: Side, mut seen: 
         }
         seen.drain(..at);
         let len = seen.len();
-        seen.resize(len + STEP, 0);
+        seen.resize(len + step, 0);
         match io.read(&mut seen[len..]).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => seen.truncate(len + n),
+            Ok(n) => {
+                seen.truncate(len + n);
+                if n == step {
+                    step = (step * 2).min(16 * 1024);
+                }
+            }
         }
     }
 }

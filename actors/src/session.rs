@@ -252,7 +252,12 @@ impl Run {
         // mutably below (cloning the route was two allocations).
         let config = Arc::clone(&self.config);
         let routes = &config.listeners[self.listener].routes;
-        let Some(ri) = crate::route::match_route(routes, head.header("host"), &head.target) else {
+        // One buffer for all of the session's heads: the client's request (read above), the
+        // upstream request, the backend's answer, the 101 (bench/profile.sh: each its own
+        // was three more allocations and 1.7 KB more memory touched a session).
+        let leftover = buf.split_off(head_len);
+        buf.clear();
+        let Some(ri) = crate::route::match_route(routes, head.header("host"), head.target()) else {
             return self.refuse(404, HandshakeFailure::NoRoute).await;
         };
         let route = &routes[ri];
@@ -261,8 +266,7 @@ impl Run {
             Ok(()) => {}
             Err(UpgradeProblem::NotUpgrade) => {
                 if self.config.pools.get(&route.pool).is_some_and(|p| p.http) {
-                    let pending = buf.split_off(head_len);
-                    return Box::pin(self.http_pass(&route.pool, &head, pending)).await;
+                    return Box::pin(self.http_pass(&route.pool, &head, leftover)).await;
                 }
                 return self.refuse(426, HandshakeFailure::NotUpgrade).await;
             }
@@ -287,7 +291,10 @@ impl Run {
         let tunnel = self.config.relay_for(&route.pool) == RelayMode::Tunnel;
         let mode = if tunnel { Mode::Tunnel } else { Mode::Message };
         let accept = handshake::accept_key(&head);
-        let Some(upstream) = self.connect(&route.pool, &head, &accept, mode).await else {
+        let Some(upstream) = self
+            .connect(&route.pool, &head, &accept, mode, &mut buf)
+            .await
+        else {
             return false;
         };
         let Some(response) = upstream.response() else {
@@ -306,12 +313,12 @@ impl Run {
             max_frame: self.config.limits.max_frame_bytes,
         };
         self.state = RelayState::new(replay, limits);
-        let answer = handshake::switching_protocols(&accept, response, tunnel);
+        buf.clear();
+        handshake::switching_protocols(&mut buf, &accept, response, tunnel);
         let Some(mut raw) = self.raw.take() else {
             return false;
         };
-        let written = handshake::write_all(&mut raw, &answer).await.is_ok();
-        let leftover = buf.split_off(head_len);
+        let written = handshake::write_all(&mut raw, &buf).await.is_ok();
         let Upstream::Raw(backend, up) = upstream else {
             return false;
         };
@@ -400,7 +407,9 @@ impl Run {
             return self.refuse(503, HandshakeFailure::Limit).await;
         };
         self.slot = Some(slot);
-        let Some(Upstream::Http(mut backend)) = self.connect(pool, head, "", Mode::Http).await
+        let Some(Upstream::Http(mut backend)) = self
+            .connect(pool, head, "", Mode::Http, &mut Vec::new())
+            .await
         else {
             return false;
         };
@@ -428,8 +437,8 @@ impl Run {
                 self.peer,
                 self.shared.listeners[self.listener].name,
                 self.route_path(),
-                head.method,
-                head.target,
+                head.method(),
+                head.target(),
                 self.started.elapsed().as_millis()
             ),
             Err(e) => log::info!("http session={} pool={pool} backend={backend_addr}: {e}", self.id),
@@ -499,9 +508,10 @@ impl Run {
         head: &RequestHead,
         accept: &str,
         mode: Mode,
+        buf: &mut Vec<u8>,
     ) -> Option<Upstream> {
         match self
-            .dial_walk(pool_name, head, accept, Vec::new(), mode)
+            .dial_walk(pool_name, head, accept, Vec::new(), mode, buf)
             .await
         {
             Ok(ok) => Some(ok),
@@ -524,7 +534,8 @@ impl Run {
     /// Asks the pool for candidates and walks them until one accepts the upgrade (its 101
     /// carrying `accept`, the key the client's `Sec-WebSocket-Key` calls for). Failures
     /// are reported to the pool (passive health) and cost the client nothing while another
-    /// backend answers. The session's lease follows the backend being tried.
+    /// backend answers. The session's lease follows the backend being tried. `buf`: room
+    /// for the upstream request and the backend's answer.
     async fn dial_walk(
         &mut self,
         pool_name: &str,
@@ -532,6 +543,7 @@ impl Run {
         accept: &str,
         exclude: Vec<SocketAddr>,
         mode: Mode,
+        buf: &mut Vec<u8>,
     ) -> Result<Upstream, Walk> {
         let Some(addr) = self.shared.pools.get(pool_name).and_then(|p| p.addr.get()) else {
             log::warn!("session#{}: pool {pool_name} is restarting", self.id);
@@ -563,7 +575,9 @@ impl Run {
                     lease.switch_to(Arc::clone(b));
                 }
             }
-            let request = handshake::upstream_request(
+            buf.clear();
+            handshake::upstream_request(
+                buf,
                 head,
                 b.addr,
                 client,
@@ -571,7 +585,7 @@ impl Run {
                 mode == Mode::Tunnel,
             );
             let offered = head.header("sec-websocket-protocol");
-            match dial(b, &request, accept, offered, timeouts.connect(), mode).await {
+            match dial(b, buf, accept, offered, timeouts.connect(), mode).await {
                 Ok(ok) => {
                     self.lease = lease;
                     // Most sessions only ever have one: no room for four (idle memory).
@@ -628,6 +642,7 @@ impl Run {
                 &accept,
                 lost.into_iter().collect(),
                 Mode::Message,
+                &mut Vec::new(),
             )
             .await;
         self.head = Some(head);
@@ -1023,10 +1038,11 @@ struct TunnelIo {
 
 /// Connects to a backend and, for the WebSocket modes, does the upgrade on raw bytes (one
 /// path for both relays), keeping any frames the backend sent right after its 101. Connect
-/// and upgrade share one `connect_ms` deadline: one timer per attempt.
+/// and upgrade share one `connect_ms` deadline: one timer per attempt. `buf` holds the
+/// upgrade request, and then the backend's answer.
 async fn dial(
     b: &BackendState,
-    request: &[u8],
+    buf: &mut Vec<u8>,
     accept: &str,
     offered: Option<&str>,
     timeout: std::time::Duration,
@@ -1041,7 +1057,7 @@ async fn dial(
         if mode == Mode::Http {
             return Ok(Upstream::Http(tcp));
         }
-        match handshake::raw_upgrade(&mut tcp, request, accept, offered).await {
+        match handshake::raw_upgrade(&mut tcp, buf, accept, offered).await {
             Ok(up) => Ok(Upstream::Raw(tcp, up)),
             Err(Ok(up)) if (400..500).contains(&up.response.status) => Err(DialError::Refused(up)),
             Err(Ok(up)) => Err(DialError::Failed(format!(
