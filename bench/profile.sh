@@ -5,6 +5,7 @@
 # upgrade, one echo, close).
 #
 #   bench/profile.sh syscalls  [targets]   syscalls per echoed message (perf tracepoint counts)
+#                                          and TCP segments per message (the whole machine's)
 #   bench/profile.sh cpu [targets]         user and kernel CPU µs per echoed message (/proc), and
 #                                          the top symbols of a perf cpu-clock profile
 #   bench/profile.sh callgrind [targets]   user-space instructions per message + top functions
@@ -204,14 +205,18 @@ SYSCALLS="$SYSCALLS socket connect setsockopt getsockopt shutdown ioctl fcntl"
 EVENTS="raw_syscalls:sys_enter"
 for s in $SYSCALLS; do EVENTS="$EVENTS,syscalls:sys_enter_$s"; done
 
-# Syscall counts of the proxy over one load of $2 messages per connection.
+# Syscall counts of the proxy over one load of $2 messages per connection, and the TCP
+# segments the machine sent during it (into $3.segs).
 count_syscalls() { # target msgs outfile
     start "$1"
     perf stat -x, -e "$EVENTS" -p "$TPID" -o "$3" &
     local perf=$!
     PIDS+=("$perf")
     sleep 0.3 # perf attaches asynchronously; nothing to poll for
+    local segs0
+    segs0=$(out_segs)
     load "$2"
+    echo $(( $(out_segs) - segs0 )) >"$3.segs"
     stop_wait "$perf" 5 INT
     stop_wait "$STOPPID" 5
 }
@@ -249,6 +254,11 @@ case "$MODE" in
                 $3 != "" { d = ($1 - short[$3]) / m; if (d > 0.005) printf "%-16s %-26s %.2f\n", t, $3, d }' \
                 "$OUT/$t-short.csv" "$OUT/$t-long.csv" |
                 sort -k3 -nr | tee -a "$OUT/syscalls.txt"
+            # The whole machine's segments (clients, proxy, backend), as for handshakes.
+            awk -v a="$(cat "$OUT/$t-short.csv.segs")" -v b="$(cat "$OUT/$t-long.csv.segs")" \
+                -v m="$msgs" -v t="$t" \
+                'BEGIN { printf "%-16s %-26s %.2f\n", t, "tcp segments (all sockets)", (b - a) / m }' |
+                tee -a "$OUT/syscalls.txt"
         done ;;
     callgrind)
         for t in $TARGETS; do
