@@ -576,14 +576,17 @@ impl Run {
                 }
             }
             buf.clear();
-            handshake::upstream_request(
-                buf,
-                head,
-                b.addr,
-                client,
-                &self.config.headers,
-                mode == Mode::Tunnel,
-            );
+            if mode != Mode::Http {
+                // An HTTP pass-through writes its own request once connected.
+                handshake::upstream_request(
+                    buf,
+                    head,
+                    b.addr,
+                    client,
+                    &self.config.headers,
+                    mode == Mode::Tunnel,
+                );
+            }
             let offered = head.header("sec-websocket-protocol");
             match dial(b, buf, accept, offered, timeouts.connect(), mode).await {
                 Ok(ok) => {
@@ -642,7 +645,7 @@ impl Run {
                 &accept,
                 lost.into_iter().collect(),
                 Mode::Message,
-                &mut Vec::new(),
+                &mut Vec::with_capacity(1024),
             )
             .await;
         self.head = Some(head);
