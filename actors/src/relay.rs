@@ -15,7 +15,7 @@
 //! messages, which it reassembles and sends on as one frame, so that a message is never
 //! split across backends by a failover.
 //!
-//! The loop ends with an [`Outcome`]; [`close_side`] then runs the closing handshake that
+//! The loop ends with an [`Outcome`]; `close_side` then runs the closing handshake that
 //! outcome calls for, both sides at once. A side whose close is answered (its handshake is
 //! then complete) gets the answer and, where its transport allows ([`Finish`]: a plain
 //! client connection), the FIN in the same segment. The session actor decides what an

@@ -4,7 +4,7 @@
 //! Sockets are our own thin types, so the gateway controls what the async-std types hide:
 //! the listen backlog, and how a socket waits for readiness. Listeners and connections are
 //! registered once, edge-triggered, in an epoll set of our own whose descriptor is a source
-//! in async-io's reactor (the one async-std runs on and smol is built on; [`reactor`]), and
+//! in async-io's reactor (the one async-std runs on and smol is built on; `reactor`), and
 //! a read waits for the next event only when the last one emptied the socket (see
 //! [`TcpStream`]'s `poll_read`).
 //! Plain TCP tunnels copy bulk bytes with `splice(2)` through [`SpliceBuf`] (in
@@ -98,15 +98,15 @@ impl std::fmt::Display for Elapsed {
 
 mod timer;
 /// A one-shot timer that can be re-armed without allocating; polled in the relay loop
-/// ([`timer`]: a coarse wheel, one async-io timer for the earliest deadline).
+/// (`timer`: a coarse wheel, one async-io timer for the earliest deadline).
 pub use timer::Timer;
 
-/// A listening TCP socket, registered edge-triggered in [`reactor`] like the connections:
+/// A listening TCP socket, registered edge-triggered in `reactor` like the connections:
 /// an accept that finds the queue empty waits for the next event without re-arming.
 pub struct TcpListener(Arc<reactor::Source<net::TcpListener>>);
 
 impl TcpListener {
-    /// Binds with `SO_REUSEADDR` and a backlog of [`LISTEN_BACKLOG`].
+    /// Binds with `SO_REUSEADDR` and a backlog of `LISTEN_BACKLOG`.
     pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         use socket2::{Domain, Socket, Type};
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
@@ -147,7 +147,7 @@ impl TcpListener {
     }
 }
 
-/// A TCP connection, registered edge-triggered in [`reactor`] (no re-arm per wait). Cloning
+/// A TCP connection, registered edge-triggered in `reactor` (no re-arm per wait). Cloning
 /// shares the socket (the tunnel's two copy loops use one each).
 #[derive(Clone)]
 pub struct TcpStream {

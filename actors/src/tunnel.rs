@@ -6,7 +6,7 @@
 //! Between two plain TCP sockets, bulk bytes move with `splice(2)` (socket → pipe → socket,
 //! never through user space), adaptively as HAProxy's `splice-auto`: a direction starts on
 //! read/write and switches to splice when a read fills the largest buffer; after
-//! [`SMALL_RUN`] splices in a row that moved less than [`SMALL_SPLICE`] it goes back
+//! `SMALL_RUN` splices in a row that moved less than `SMALL_SPLICE` it goes back
 //! (chat-sized traffic gains nothing from the pipe's extra syscalls). TLS on either end keeps
 //! the user-space copy.
 //!
