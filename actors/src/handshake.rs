@@ -109,11 +109,9 @@ impl RequestHead {
         minor_version: u8,
         fields: impl IntoIterator<Item = (N, V)>,
     ) -> RequestHead {
-        let fields: Vec<(N, V)> = fields.into_iter().collect();
-        let each = fields.iter().map(|(n, v)| (n.as_ref(), v.as_ref()));
         RequestHead {
             minor_version,
-            headers: Headers::build([method, target], each),
+            headers: Headers::from_fields([method, target], fields),
             method_end: method.len() as u32,
         }
     }
@@ -258,6 +256,15 @@ impl Headers {
         Headers::build(line, parsed.iter().map(|f| (f.name, f.value)))
     }
 
+    /// Headers from owned or borrowed (name, value) pairs, after the line parts `line`.
+    fn from_fields<N: AsRef<str>, V: AsRef<[u8]>, const K: usize>(
+        line: [&str; K],
+        fields: impl IntoIterator<Item = (N, V)>,
+    ) -> Headers {
+        let fields: Vec<(N, V)> = fields.into_iter().collect();
+        Headers::build(line, fields.iter().map(|(n, v)| (n.as_ref(), v.as_ref())))
+    }
+
     /// `line`: the head's line parts, stored before the names (one allocation for the
     /// whole head's text, not one more per part). Heads are at most `MAX_HEAD_BYTES`, so
     /// the offsets fit in `u32`.
@@ -342,8 +349,7 @@ impl Headers {
 
 impl<N: AsRef<str>, V: AsRef<[u8]>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(fields: I) -> Headers {
-        let fields: Vec<(N, V)> = fields.into_iter().collect();
-        Headers::build([], fields.iter().map(|(n, v)| (n.as_ref(), v.as_ref())))
+        Headers::from_fields([], fields)
     }
 }
 

@@ -253,8 +253,8 @@ impl Run {
         let config = Arc::clone(&self.config);
         let routes = &config.listeners[self.listener].routes;
         // One buffer for all of the session's heads: the client's request (read above), the
-        // upstream request, the backend's answer, the 101 (bench/profile.sh: each its own
-        // was three more allocations and 1.7 KB more memory touched a session).
+        // upstream request, the backend's answer, the 101 (valgrind --tool=dhat: each its
+        // own was three more allocations and 1.7 KB more heap touched a session).
         let leftover = buf.split_off(head_len);
         buf.clear();
         let Some(ri) = crate::route::match_route(routes, head.header("host"), head.target()) else {
