@@ -441,6 +441,14 @@ impl Core {
     fn parse_frames(&mut self, data: &[u8], w: &mut Window) -> Next {
         loop {
             let region = w.fwd < w.pos;
+            if w.pos == w.end {
+                // Everything read is parsed (the usual end of a read): no header to look at.
+                return if region {
+                    Next::Write
+                } else {
+                    Next::NeedMore(0)
+                };
+            }
             let avail = &data[w.pos..w.end];
             let h = match wire::parse(avail, self.from, self.limits.max_frame) {
                 Parsed::Frame(h) => h,
@@ -572,6 +580,7 @@ enum DirEvent {
 
 /// Writes the gateway's bytes, then the region, then flushes: `Ready(Ok)` when everything
 /// this direction owes its destination is written.
+#[inline]
 fn write_out<D: AsyncWrite + Unpin>(
     cx: &mut Context<'_>,
     data: &[u8],

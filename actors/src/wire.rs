@@ -61,6 +61,7 @@ pub enum Parsed {
 /// `FrameHeader::parse` reads the same fields through `std::io::Read` on a `Cursor`, which cost
 /// ~250 instructions a frame on the relay's path (bench/profile.sh callgrind); the unit tests
 /// check that the two read every header alike.
+#[inline]
 pub fn parse(buf: &[u8], from: Side, max_frame: usize) -> Parsed {
     let [b0, b1, ..] = *buf else {
         return Parsed::Incomplete;
